@@ -1,0 +1,423 @@
+#include "naflex.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+
+#include "parallel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
+namespace glm5v::naflex {
+namespace {
+
+// Pillow's fixed-point precision for 8-bit images: 32 - 8 (value) - 2 (headroom) bits.
+constexpr int kPrecisionBits = 22;
+constexpr int32_t kHalf = 1 << (kPrecisionBits - 1);
+
+double box_filter(double x) { return (x > -0.5 && x <= 0.5) ? 1.0 : 0.0; }
+
+double bilinear_filter(double x) {
+  if (x < 0.0) x = -x;
+  return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+double bicubic_filter(double x) {
+  constexpr double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+double sinc(double x) {
+  if (x == 0.0) return 1.0;
+  x *= M_PI;
+  return std::sin(x) / x;
+}
+
+double lanczos_filter(double x) { return (x >= -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3) : 0.0; }
+
+struct FilterSpec {
+  double (*fn)(double);
+  double support;
+};
+
+FilterSpec filter_spec(Filter filter) {
+  switch (filter) {
+    case Filter::Box: return {box_filter, 0.5};
+    case Filter::Bilinear: return {bilinear_filter, 1.0};
+    case Filter::Bicubic: return {bicubic_filter, 2.0};
+    case Filter::Lanczos: return {lanczos_filter, 3.0};
+  }
+  throw std::invalid_argument("unknown filter");
+}
+
+inline uint8_t clip8(int32_t accumulated) {
+  const int32_t value = accumulated >> kPrecisionBits;
+  return static_cast<uint8_t>(value < 0 ? 0 : (value > 255 ? 255 : value));
+}
+
+int64_t scaled_side(double scale, int64_t size, int64_t unit) {
+  const double scaled = static_cast<double>(size) * scale;
+  const int64_t rounded_up = static_cast<int64_t>(std::ceil(scaled / static_cast<double>(unit))) * unit;
+  return std::max(unit, rounded_up);
+}
+
+// Rows are RGB bytes followed by kRowPad spare bytes: the vector loads below read 16 bytes from
+// the start of a group of 4 taps, and padded taps (weight 0) up to 3 pixels past a window.
+constexpr int64_t kRowPad = 16;
+// Weights are split as hi * 2^kWeightSplitBits + lo so that both halves fit int16.
+constexpr int kWeightSplitBits = 11;
+
+// One image's resampling plan, shared by all bands of that image.
+struct ImagePlan {
+  Coefficients horizontal, vertical;
+  // Horizontal weights for the vectorised loop, per output x and group of 4 taps (zero-padded):
+  // 16 int16 of the high parts then 16 of the low parts (weight = hi * 2^11 + lo), each laid out
+  // (w0 w1 w0 w1 w0 w1 0 0 w2 w3 w2 w3 w2 w3 0 0) to meet the shuffled pixels.
+  std::vector<int16_t> quad_weights;
+  int64_t quads_per_output = 0;
+  bool resize_width = false, resize_height = false;
+  // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
+  // pixels as the width; each pass rounds to 8 bits, so the order is part of the result.
+  bool vertical_first = false;
+};
+
+ImagePlan make_plan(const ImageView& image, const Size& out, Filter filter) {
+  ImagePlan plan;
+  plan.resize_width = out.width != image.width;
+  plan.resize_height = out.height != image.height;
+  const int64_t height_drop = image.height - out.height, width_drop = image.width - out.width;
+  plan.vertical_first = height_drop > 0 && height_drop > width_drop * 2;
+  if (plan.resize_height) plan.vertical = resample_coefficients(image.height, out.height, filter);
+  if (plan.resize_width) {
+    const Coefficients& k = plan.horizontal = resample_coefficients(image.width, out.width, filter);
+    plan.quads_per_output = (k.ksize + 3) / 4;
+    plan.quad_weights.assign(static_cast<size_t>(out.width * plan.quads_per_output * 32), 0);
+    for (int64_t x = 0; x < out.width; ++x) {
+      for (int32_t t = 0; t < k.count[x]; ++t) {
+        const int32_t weight = k.weights[x * k.ksize + t];
+        const int16_t hi = static_cast<int16_t>(weight >> kWeightSplitBits);
+        const int16_t lo = static_cast<int16_t>(weight & ((1 << kWeightSplitBits) - 1));
+        int16_t* quad = &plan.quad_weights[(x * plan.quads_per_output + t / 4) * 32];
+        const int64_t lane = (t % 4) / 2 * 8 + t % 2;  // position of this tap's first channel
+        for (int64_t c = 0; c < 3; ++c) {
+          quad[lane + 2 * c] = hi;
+          quad[16 + lane + 2 * c] = lo;
+        }
+      }
+    }
+  }
+  return plan;
+}
+
+struct Band {
+  int64_t image, first_patch_row, num_patch_rows;
+};
+
+// Row r of the image as padded RGB: a pointer into the image when it already is RGB and the rows
+// below absorb the padded reads, otherwise gathered into dst (grey replicated, alpha dropped).
+const uint8_t* rgb_row(const ImageView& image, int64_t r, uint8_t* dst) {
+  const uint8_t* row = image.data + r * image.stride_h;
+  const bool packed_rgb = image.channels == 3 && image.stride_c == 1 && image.stride_w == 3;
+  if (packed_rgb && image.stride_h >= 3 * image.width && (image.height - 1 - r) * image.stride_h >= kRowPad) {
+    return row;
+  }
+  for (int64_t x = 0; x < image.width; ++x) {
+    const uint8_t* pixel = row + x * image.stride_w;
+    for (int c = 0; c < 3; ++c) dst[3 * x + c] = pixel[image.channels == 1 ? 0 : c * image.stride_c];
+  }
+  std::memset(dst + 3 * image.width, 0, kRowPad);
+  return dst;
+}
+
+void resample_row_horizontal_scalar(const uint8_t* src, uint8_t* dst, const Coefficients& k, int64_t x_begin,
+                                    int64_t x_end) {
+  for (int64_t x = x_begin; x < x_end; ++x) {
+    const int32_t* w = &k.weights[x * k.ksize];
+    const uint8_t* s = src + static_cast<int64_t>(k.first[x]) * 3;
+    int32_t r = kHalf, g = kHalf, b = kHalf;
+    for (int32_t t = 0; t < k.count[x]; ++t) {
+      r += s[3 * t + 0] * w[t];
+      g += s[3 * t + 1] * w[t];
+      b += s[3 * t + 2] * w[t];
+    }
+    dst[3 * x + 0] = clip8(r);
+    dst[3 * x + 1] = clip8(g);
+    dst[3 * x + 2] = clip8(b);
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// Two rows at once (they share every weight), four taps per step, exact in 16-bit multiplies:
+// each weight is split as hi * 2^11 + lo with both halves in int16, so vpmaddwd, which sums the
+// products of adjacent int16 pairs, computes sum(p * hi) and sum(p * lo) over pairs of taps;
+// (sum_hi << 11) + sum_lo is the 32-bit sum Pillow forms. 12 RGB bytes (4 taps) are broadcast to
+// both 128-bit lanes and shuffled into 16-bit (R_t, R_t+1, G_t, G_t+1, B_t, B_t+1, 0, 0), taps
+// t, t+1 in the low lane and t+2, t+3 in the high lane.
+__attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t* src0, const uint8_t* src1,
+                                                                   uint8_t* dst0, uint8_t* dst1,
+                                                                   const Coefficients& k, const ImagePlan& plan,
+                                                                   int64_t x_begin, int64_t x_end) {
+  const __m256i to_pairs = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
+                                            6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+  const __m256i half = _mm256_set1_epi32(kHalf);
+  for (int64_t x = x_begin; x < x_end; ++x) {
+    const int64_t offset = static_cast<int64_t>(k.first[x]) * 3;
+    const uint8_t* s0 = src0 + offset;
+    const uint8_t* s1 = src1 + offset;
+    const int16_t* w = plan.quad_weights.data() + x * plan.quads_per_output * 32;
+    const int32_t quads = (k.count[x] + 3) / 4;
+    __m256i hi0 = _mm256_setzero_si256(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
+    for (int32_t q = 0; q < quads; ++q) {
+      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
+      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 16));
+      const __m256i p0 = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s0 + 12 * q))), to_pairs);
+      const __m256i p1 = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s1 + 12 * q))), to_pairs);
+      hi0 = _mm256_add_epi32(hi0, _mm256_madd_epi16(p0, w_hi));
+      lo0 = _mm256_add_epi32(lo0, _mm256_madd_epi16(p0, w_lo));
+      hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(p1, w_hi));
+      lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(p1, w_lo));
+    }
+    const __m256i acc0 = _mm256_add_epi32(_mm256_slli_epi32(hi0, kWeightSplitBits), lo0);
+    const __m256i acc1 = _mm256_add_epi32(_mm256_slli_epi32(hi1, kWeightSplitBits), lo1);
+    __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(acc0, acc1, 0x20),
+                                   _mm256_permute2x128_si256(acc0, acc1, 0x31));
+    sum = _mm256_srai_epi32(_mm256_add_epi32(sum, half), kPrecisionBits);
+    const __m256i words = _mm256_packs_epi32(sum, sum);
+    const __m256i bytes = _mm256_packus_epi16(words, words);
+    const uint32_t rgb0 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0));
+    const uint32_t rgb1 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4));
+    // 4-byte stores: the 4th byte is overwritten by the next pixel or lands in the row pad.
+    std::memcpy(dst0 + 3 * x, &rgb0, 4);
+    std::memcpy(dst1 + 3 * x, &rgb1, 4);
+  }
+}
+#endif
+
+void resample_rows_horizontal_scalar(const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1,
+                                     const Coefficients& k, const ImagePlan&, int64_t x_begin, int64_t x_end) {
+  resample_row_horizontal_scalar(src0, dst0, k, x_begin, x_end);
+  if (src1 != src0) resample_row_horizontal_scalar(src1, dst1, k, x_begin, x_end);
+}
+
+// Resamples outputs [x_begin, x_end) of two rows (src0 -> dst0, src1 -> dst1); pass the same row
+// twice for one.
+using HorizontalKernel = void (*)(const uint8_t*, const uint8_t*, uint8_t*, uint8_t*, const Coefficients&,
+                                  const ImagePlan&, int64_t, int64_t);
+
+HorizontalKernel pick_horizontal_kernel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2")) return resample_rows_horizontal_avx2;
+#endif
+  return resample_rows_horizontal_scalar;
+}
+
+const HorizontalKernel resample_rows_horizontal = pick_horizontal_kernel();
+
+// Output row y of the vertical pass over source rows rows[i] = row first_row + i, row_len bytes.
+// Compiled for AVX2 too and chosen at load time: the loops vectorise as they are.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void resample_row_vertical(const uint8_t* const* rows, int64_t first_row, const Coefficients& k, int64_t y,
+                           int64_t row_len, int32_t* accumulator, uint8_t* dst) {
+  for (int64_t j = 0; j < row_len; ++j) accumulator[j] = kHalf;
+  const int32_t* w = &k.weights[y * k.ksize];
+  for (int32_t t = 0; t < k.count[y]; ++t) {
+    const uint8_t* src = rows[k.first[y] + t - first_row];
+    const int32_t weight = w[t];
+    for (int64_t j = 0; j < row_len; ++j) accumulator[j] += src[j] * weight;
+  }
+  for (int64_t j = 0; j < row_len; ++j) dst[j] = clip8(accumulator[j]);
+}
+
+// Normalises one resized RGB row y and scatters it into its patches.
+void emit_row(const uint8_t* values, int64_t y, int64_t grid_width, int64_t first_patch, const float* lut,
+              int64_t patch_size, float* patches) {
+  const int64_t patch_row_len = patch_size * 3;
+  const int64_t patch_row = y / patch_size, row_in_patch = y % patch_size;
+  for (int64_t patch_col = 0; patch_col < grid_width; ++patch_col) {
+    const int64_t patch = first_patch + patch_row * grid_width + patch_col;
+    float* dst = patches + patch * patch_size * patch_row_len + row_in_patch * patch_row_len;
+    const uint8_t* src = values + patch_col * patch_row_len;
+    for (int64_t j = 0; j < patch_row_len; j += 3) {
+      dst[j + 0] = lut[src[j + 0]];
+      dst[j + 1] = lut[256 + src[j + 1]];
+      dst[j + 2] = lut[512 + src[j + 2]];
+    }
+  }
+}
+
+void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, const Band& band,
+               int64_t first_patch, const float* lut, int64_t patch_size, float* patches,
+               int32_t* position_ids) {
+  const int64_t in_row_len = image.width * 3, out_row_len = out.width * 3;
+  const int64_t grid_width = out.width / patch_size;
+  const int64_t y_begin = band.first_patch_row * patch_size;
+  const int64_t y_end = y_begin + band.num_patch_rows * patch_size;
+  const Coefficients& vk = plan.vertical;
+
+  // The input rows this band reads.
+  int64_t in_begin = y_begin, in_end = y_end;
+  if (plan.resize_height) {
+    in_begin = image.height;
+    in_end = 0;
+    for (int64_t y = y_begin; y < y_end; ++y) {
+      in_begin = std::min<int64_t>(in_begin, vk.first[y]);
+      in_end = std::max<int64_t>(in_end, vk.first[y] + vk.count[y]);
+    }
+  }
+  const int64_t num_rows = in_end - in_begin;
+  const int64_t in_stride = in_row_len + kRowPad, out_stride = out_row_len + kRowPad;
+  thread_local std::vector<uint8_t> staged, widened, line, resized;
+  thread_local std::vector<const uint8_t*> rows;
+  thread_local std::vector<int32_t> accumulator;
+  staged.resize(static_cast<size_t>(num_rows * in_stride));
+  rows.resize(static_cast<size_t>(num_rows));
+  for (int64_t i = 0; i < num_rows; ++i) rows[i] = rgb_row(image, in_begin + i, &staged[i * in_stride]);
+
+  if (!plan.vertical_first && plan.resize_width) {
+    widened.resize(static_cast<size_t>(num_rows * out_stride));
+    for (int64_t i = 0; i < num_rows; i += 2) {
+      const int64_t j = std::min(i + 1, num_rows - 1);
+      resample_rows_horizontal(rows[i], rows[j], &widened[i * out_stride], &widened[j * out_stride],
+                               plan.horizontal, plan, 0, out.width);
+    }
+    for (int64_t i = 0; i < num_rows; ++i) rows[i] = &widened[i * out_stride];
+  }
+  // Output rows go in pairs, which the horizontal kernel resamples together when it runs second.
+  const int64_t source_row_len = plan.vertical_first ? in_row_len : out_row_len;
+  const int64_t line_stride = source_row_len + kRowPad;
+  line.resize(static_cast<size_t>(2 * line_stride));
+  accumulator.resize(static_cast<size_t>(source_row_len));
+  resized.resize(static_cast<size_t>(2 * out_stride));
+  for (int64_t y = y_begin; y < y_end; y += 2) {
+    const int64_t pair = std::min<int64_t>(2, y_end - y);
+    const uint8_t* values[2] = {nullptr, nullptr};
+    for (int64_t i = 0; i < pair; ++i) {
+      if (plan.resize_height) {
+        uint8_t* dst = &line[i * line_stride];
+        resample_row_vertical(rows.data(), in_begin, vk, y + i, source_row_len, accumulator.data(), dst);
+        values[i] = dst;
+      } else {
+        values[i] = rows[y + i - in_begin];
+      }
+    }
+    if (plan.vertical_first && plan.resize_width) {
+      const int64_t last = pair - 1;
+      resample_rows_horizontal(values[0], values[last], &resized[0], &resized[last * out_stride], plan.horizontal,
+                               plan, 0, out.width);
+      for (int64_t i = 0; i < pair; ++i) values[i] = &resized[i * out_stride];
+    }
+    for (int64_t i = 0; i < pair; ++i) emit_row(values[i], y + i, grid_width, first_patch, lut, patch_size, patches);
+  }
+
+  for (int64_t patch_row = band.first_patch_row; patch_row < band.first_patch_row + band.num_patch_rows;
+       ++patch_row) {
+    for (int64_t patch_col = 0; patch_col < grid_width; ++patch_col) {
+      int32_t* ids = position_ids + 2 * (first_patch + patch_row * grid_width + patch_col);
+      ids[0] = static_cast<int32_t>(patch_row);
+      ids[1] = static_cast<int32_t>(patch_col);
+    }
+  }
+}
+
+}  // namespace
+
+Filter parse_filter(const std::string& name) {
+  if (name == "box") return Filter::Box;
+  if (name == "bilinear") return Filter::Bilinear;
+  if (name == "bicubic") return Filter::Bicubic;
+  if (name == "lanczos") return Filter::Lanczos;
+  throw std::invalid_argument("resample must be one of 'box', 'bilinear', 'bicubic', 'lanczos'; got '" +
+                              name + "'");
+}
+
+Size target_size(int64_t height, int64_t width, int64_t patch_size, int64_t merge_size,
+                 int64_t max_num_patches) {
+  const int64_t unit = patch_size * merge_size;
+  constexpr double eps = 1e-5;
+  double scale_min = eps / 10, scale_max = 100.0;
+  while (scale_max - scale_min >= eps) {
+    const double scale = (scale_min + scale_max) / 2;
+    const int64_t h = scaled_side(scale, height, unit), w = scaled_side(scale, width, unit);
+    const double num_patches = (static_cast<double>(h) / patch_size) * (static_cast<double>(w) / patch_size);
+    if (num_patches <= static_cast<double>(max_num_patches)) {
+      scale_min = scale;
+    } else {
+      scale_max = scale;
+    }
+  }
+  return {scaled_side(scale_min, height, unit), scaled_side(scale_min, width, unit)};
+}
+
+Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter) {
+  const FilterSpec spec = filter_spec(filter);
+  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
+  const double filterscale = scale < 1.0 ? 1.0 : scale;
+  const double support = spec.support * filterscale;
+  Coefficients k;
+  k.ksize = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  k.first.resize(out_size);
+  k.count.resize(out_size);
+  k.weights.assign(static_cast<size_t>(out_size * k.ksize), 0);
+  std::vector<double> w(static_cast<size_t>(k.ksize));
+  const double ss = 1.0 / filterscale;
+  for (int64_t xx = 0; xx < out_size; ++xx) {
+    const double center = (xx + 0.5) * scale;
+    int64_t xmin = static_cast<int64_t>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int64_t xmax = static_cast<int64_t>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double total = 0.0;
+    for (int64_t x = 0; x < xmax; ++x) {
+      w[x] = spec.fn((x + xmin - center + 0.5) * ss);
+      total += w[x];
+    }
+    for (int64_t x = 0; x < xmax; ++x) {
+      const double normalised = total != 0.0 ? w[x] / total : w[x];
+      const double fixed = normalised * (1 << kPrecisionBits);
+      k.weights[xx * k.ksize + x] = static_cast<int32_t>(normalised < 0 ? -0.5 + fixed : 0.5 + fixed);
+    }
+    k.first[xx] = static_cast<int32_t>(xmin);
+    k.count[xx] = static_cast<int32_t>(xmax);
+  }
+  return k;
+}
+
+void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets,
+          const int32_t* cu_seqlens, const float* lut, int64_t patch_size, Filter filter,
+          float* patches, int32_t* position_ids, int num_threads) {
+  const int64_t num_images = static_cast<int64_t>(images.size());
+  std::vector<ImagePlan> plans(num_images);
+  parallel_for(num_images, num_threads, [&](int64_t i) { plans[i] = make_plan(images[i], targets[i], filter); });
+
+  // Bands of patch rows: about four per thread so uneven images balance, each as tall as allowed,
+  // since a band re-reads the input rows its filter window shares with its neighbours.
+  int64_t total_patch_rows = 0;
+  for (const Size& t : targets) total_patch_rows += t.height / patch_size;
+  const int64_t tasks_wanted = 4 * static_cast<int64_t>(std::max(num_threads, 1));
+  const int64_t rows_per_band = std::max<int64_t>(1, (total_patch_rows + tasks_wanted - 1) / tasks_wanted);
+  std::vector<Band> bands;
+  for (int64_t i = 0; i < num_images; ++i) {
+    const int64_t grid_height = targets[i].height / patch_size;
+    for (int64_t r = 0; r < grid_height; r += rows_per_band) {
+      bands.push_back({i, r, std::min(rows_per_band, grid_height - r)});
+    }
+  }
+  parallel_for(static_cast<int64_t>(bands.size()), num_threads, [&](int64_t b) {
+    const Band& band = bands[b];
+    pack_band(images[band.image], targets[band.image], plans[band.image], band, cu_seqlens[band.image], lut,
+              patch_size, patches, position_ids);
+  });
+}
+
+}  // namespace glm5v::naflex

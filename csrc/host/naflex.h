@@ -1,0 +1,55 @@
+// NaFlex image preprocessing: aspect-preserving resize to a patch budget, normalisation and
+// patchify, all images packed into one buffer without padding.
+//
+// The resampling is Pillow's (Resample.c) to the bit: separable filters with 22-bit fixed-point
+// coefficients, horizontal pass first, rounding to 8 bits after each pass. That is what
+// transformers' Siglip2 image processor runs (PIL resize of uint8 RGB), so packed patches agree
+// with it exactly. glm5v_kernels/data/reference.py is the specification in numpy.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace glm5v::naflex {
+
+enum class Filter { Box, Bilinear, Bicubic, Lanczos };
+
+Filter parse_filter(const std::string& name);
+
+// uint8 pixels at data[y * stride_h + x * stride_w + c * stride_c] (strides in elements, may be
+// negative). channels: 1 (grey, replicated to RGB), 3 (RGB) or 4 (RGBA, alpha ignored).
+struct ImageView {
+  const uint8_t* data;
+  int64_t height, width, channels;
+  int64_t stride_h, stride_w, stride_c;
+};
+
+struct Size {
+  int64_t height, width;
+};
+
+// The largest aspect-preserving size whose patch grid fits max_num_patches: binary search on the
+// scale (the search of big_vision / transformers' get_image_size_for_max_num_patches), each side a
+// multiple of patch_size * merge_size and at least one such unit.
+Size target_size(int64_t height, int64_t width, int64_t patch_size, int64_t merge_size,
+                 int64_t max_num_patches);
+
+// Pillow's fixed-point resampling weights for one axis: output index i reads inputs
+// [first[i], first[i] + count[i]) with weights[i * ksize + t].
+struct Coefficients {
+  int64_t ksize = 0;
+  std::vector<int32_t> first, count, weights;
+};
+
+Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter);
+
+// Resizes images[i] to targets[i], normalises every value through lut[c * 256 + value] and writes
+// patch rows of patch_size * patch_size * 3 floats, laid out (row, col, channel) within a patch and
+// patches in row-major order, from patch index cu_seqlens[i]. position_ids receives (row, col)
+// of every patch. Work is split into bands of patch rows shared by num_threads threads.
+void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets,
+          const int32_t* cu_seqlens, const float* lut, int64_t patch_size, Filter filter,
+          float* patches, int32_t* position_ids, int num_threads);
+
+}  // namespace glm5v::naflex

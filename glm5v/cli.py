@@ -1,0 +1,122 @@
+"""The `glm5v` command: a thin shell over functions that can be called from Python.
+
+    glm5v env                        what this machine offers glm5v (versions, GPU, built extensions)
+    glm5v pack IMAGE... [--out F]    NaFlex-pack image files and print what was packed
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+
+def environment_report() -> dict[str, str]:
+    """Versions and capabilities that decide which glm5v kernels can run here."""
+    import numpy
+    import torch
+
+    import glm5v
+    from glm5v_kernels.testing import nvcc_path, ptxas_path
+
+    report = {
+        "glm5v": glm5v.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU",
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError as exc:
+        report["triton"] = f"not importable ({exc})"
+    try:
+        from glm5v_kernels._backend import host_module
+
+        report["host extension"] = f"built, {host_module().default_num_threads()} threads by default"
+    except ImportError as exc:
+        report["host extension"] = str(exc)
+    try:
+        report["ptxas (sm_90a checks)"] = ptxas_path()
+    except Exception as exc:  # triton missing or shipped without its binaries
+        report["ptxas (sm_90a checks)"] = f"not found ({exc})"
+    report["nvcc"] = nvcc_path() or "not found"
+    return report
+
+
+def pack_files(paths: list[Path], processor, num_threads: int | None = None):
+    """Open image files with PIL and pack them; returns PackedImages."""
+    from PIL import Image
+
+    from glm5v_kernels.data import pack_images
+
+    images = []
+    for path in paths:
+        with Image.open(path) as image:
+            image.load()
+            images.append(image)
+    return pack_images(images, processor, num_threads=num_threads)
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    for key, value in environment_report().items():
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+def _cmd_pack(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from glm5v_kernels.data import NaFlexProcessor
+
+    processor = NaFlexProcessor(patch_size=args.patch_size, max_num_patches=args.max_num_patches,
+                                merge_size=args.merge_size, resample=args.resample)
+    start = time.perf_counter()
+    packed = pack_files(args.images, processor, num_threads=args.threads)
+    elapsed = time.perf_counter() - start
+    for path, (rows, cols) in zip(args.images, packed.spatial_shapes.tolist()):
+        print(f"{str(path)}: {rows} x {cols} patches ({rows * args.patch_size} x {cols * args.patch_size} px)")
+    print(f"{packed.num_images} images, {packed.patches.shape[0]} patches of {packed.patches.shape[1]} values, "
+          f"longest {packed.max_seqlen}, in {elapsed * 1e3:.1f} ms")
+    if args.out is not None:
+        torch.save({"patches": packed.patches, "cu_seqlens": packed.cu_seqlens,
+                    "spatial_shapes": packed.spatial_shapes, "position_ids": packed.position_ids}, args.out)
+        print(f"saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glm5v", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    env = commands.add_parser("env", help="print versions, GPU and extension status")
+    env.set_defaults(run=_cmd_env)
+
+    pack = commands.add_parser("pack", help="NaFlex-pack image files")
+    pack.add_argument("images", nargs="+", type=Path, help="image files (any format PIL reads)")
+    pack.add_argument("--patch-size", type=int, default=16)
+    pack.add_argument("--max-num-patches", type=int, default=256)
+    pack.add_argument("--merge-size", type=int, default=1)
+    pack.add_argument("--resample", default="bilinear", choices=("box", "bilinear", "bicubic", "lanczos"))
+    pack.add_argument("--threads", type=int, default=None, help="threads for the pixel work (default: all)")
+    pack.add_argument("--out", type=Path, default=None, help="save the packed tensors with torch.save")
+    pack.set_defaults(run=_cmd_pack)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, TypeError, OSError) as exc:
+        print(f"glm5v {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

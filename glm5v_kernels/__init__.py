@@ -1,0 +1,10 @@
+"""glm5v_kernels: fused kernels for training native multimodal models, usable from any trainer.
+
+The functional API of every kernel family is exported here; `glm5v_kernels.data` holds the
+data-pipeline kernels (NaFlex packing). Nothing here imports the `glm5v` trainer layer.
+"""
+
+from glm5v_kernels import data
+
+__version__ = "0.1.0"
+__all__ = ["data"]
