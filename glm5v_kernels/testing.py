@@ -190,6 +190,16 @@ def _nonfinite_line(cmp: _Comparison) -> str:
     )
 
 
+def _fail(lines: list[str], cmp: _Comparison) -> None:
+    """Raise the mismatch report: the given lines, then the largest error and the worst elements."""
+    lines += [cmp.max_line(), _nonfinite_line(cmp)]
+    worst = cmp.worst_lines()
+    if worst:
+        lines.append("  worst elements:")
+        lines.extend(worst)
+    raise AssertionError("\n".join(lines))
+
+
 def assert_close(
     out: torch.Tensor,
     ref: torch.Tensor,
@@ -215,14 +225,8 @@ def assert_close(
     lines = [
         _header(name, out),
         f"  relative error {rel:.3e} vs threshold {threshold:.1e} ({label}, against a float64 reference)",
-        cmp.max_line(),
-        _nonfinite_line(cmp),
     ]
-    worst = cmp.worst_lines()
-    if worst:
-        lines.append("  worst elements:")
-        lines.extend(worst)
-    raise AssertionError("\n".join(lines))
+    _fail(lines, cmp)
 
 
 def assert_close_flash(
@@ -259,14 +263,8 @@ def assert_close_flash(
         f"  max abs error {err:.3e} > bound {bound:.3e} = {factor:g} x baseline error {base_err:.3e} "
         f"+ atol {atol:.1e}",
         f"  relative error {rel:.3e} (baseline {base_cmp.relative_error():.3e})",
-        cmp.max_line(),
-        _nonfinite_line(cmp),
     ]
-    worst = cmp.worst_lines()
-    if worst:
-        lines.append("  worst elements:")
-        lines.extend(worst)
-    raise AssertionError("\n".join(lines))
+    _fail(lines, cmp)
 
 
 # --------------------------------------------------------------------------------------------------

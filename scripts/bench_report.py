@@ -5,7 +5,7 @@
 
 Machine info first, then one table per benchmark group: provider, median, the rates recorded by
 ``benches/benchlib.record`` (TFLOP/s, GB/s, % of peak, items/s, peak memory) and the ratio of
-the best peer's median to ours (> 1 means ours is faster). Standard library only.
+the best peer's median to ours (> 1 means ours is faster).
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
+from benchlib import format_time  # noqa: E402
 
 # extra_info keys shown as rate columns, in this order: (key, column title)
 RATE_COLUMNS = (
@@ -23,15 +27,6 @@ RATE_COLUMNS = (
     ("pct_peak_bandwidth", "% peak BW"),
     ("peak_memory_mib", "peak mem MiB"),
 )
-
-
-def format_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
-        if seconds >= scale:
-            return f"{seconds / scale:.3g} {unit}"
-    return f"{seconds / 1e-9:.3g} ns"
 
 
 def format_number(value: Any) -> str:
