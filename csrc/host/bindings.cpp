@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <optional>
 #include <stdexcept>
 
 #if defined(__linux__)
@@ -123,6 +124,16 @@ void naflex_pack(const py::list& images, const py::array& targets, const py::arr
 PYBIND11_MODULE(_host, m) {
   m.doc() = "glm5v host kernels (C++): NaFlex resize + normalise + patchify + pack";
   m.def("default_num_threads", &default_num_threads, "Threads used when num_threads <= 0.");
+  m.def(
+      "naflex_kernel",
+      [](const std::optional<std::string>& name) {
+        if (name) naflex::select_horizontal_kernel(*name);
+        return naflex::selected_horizontal_kernel();
+      },
+      py::arg("name") = py::none(),
+      "The horizontal resampling kernel in use; with a name ('avx512', 'avx2', 'scalar'), select it first.");
+  m.def("naflex_supported_kernels", &naflex::supported_horizontal_kernels,
+        "Horizontal resampling kernels this CPU runs, fastest first.");
   m.def("naflex_target_sizes", &naflex_target_sizes, py::arg("sizes"), py::arg("patch_size"),
         py::arg("merge_size"), py::arg("max_num_patches"),
         "(n, 2) int64 (height, width) -> (n, 2) int64 resized (height, width) fitting the patch budget.");

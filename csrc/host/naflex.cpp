@@ -1,6 +1,7 @@
 #include "naflex.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -67,20 +68,21 @@ int64_t scaled_side(double scale, int64_t size, int64_t unit) {
   return std::max(unit, rounded_up);
 }
 
-// Rows are RGB bytes followed by kRowPad spare bytes: the vector loads below read 16 bytes from
-// the start of a group of 4 taps, and padded taps (weight 0) up to 3 pixels past a window.
-constexpr int64_t kRowPad = 16;
+// Rows are RGB bytes followed by kRowPad spare bytes: the vector loads below read up to 32 bytes
+// from the start of a group of 8 taps, padded taps (weight 0) lying up to 7 pixels past a window.
+constexpr int64_t kRowPad = 32;
 // Weights are split as hi * 2^kWeightSplitBits + lo so that both halves fit int16.
 constexpr int kWeightSplitBits = 11;
 
 // One image's resampling plan, shared by all bands of that image.
 struct ImagePlan {
   Coefficients horizontal, vertical;
-  // Horizontal weights for the vectorised loop, per output x and group of 4 taps (zero-padded):
-  // 16 int16 of the high parts then 16 of the low parts (weight = hi * 2^11 + lo), each laid out
-  // (w0 w1 w0 w1 w0 w1 0 0 w2 w3 w2 w3 w2 w3 0 0) to meet the shuffled pixels.
-  std::vector<int16_t> quad_weights;
-  int64_t quads_per_output = 0;
+  // Horizontal weights for the vectorised loops, per output x and group of 8 taps (zero-padded):
+  // 32 int16 of the high parts then 32 of the low parts (weight = hi * 2^11 + lo). Each part is four
+  // 128-bit lanes, lane j for taps 2j and 2j+1 laid out (w0 w1 w0 w1 w0 w1 0 0) to meet the
+  // shuffled pixels (R0 R1 G0 G1 B0 B1 0 0).
+  std::vector<int16_t> octet_weights;
+  int64_t octets_per_output = 0;
   bool resize_width = false, resize_height = false;
   // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
   // pixels as the width; each pass rounds to 8 bits, so the order is part of the result.
@@ -96,18 +98,18 @@ ImagePlan make_plan(const ImageView& image, const Size& out, Filter filter) {
   if (plan.resize_height) plan.vertical = resample_coefficients(image.height, out.height, filter);
   if (plan.resize_width) {
     const Coefficients& k = plan.horizontal = resample_coefficients(image.width, out.width, filter);
-    plan.quads_per_output = (k.ksize + 3) / 4;
-    plan.quad_weights.assign(static_cast<size_t>(out.width * plan.quads_per_output * 32), 0);
+    plan.octets_per_output = (k.ksize + 7) / 8;
+    plan.octet_weights.assign(static_cast<size_t>(out.width * plan.octets_per_output * 64), 0);
     for (int64_t x = 0; x < out.width; ++x) {
       for (int32_t t = 0; t < k.count[x]; ++t) {
         const int32_t weight = k.weights[x * k.ksize + t];
         const int16_t hi = static_cast<int16_t>(weight >> kWeightSplitBits);
         const int16_t lo = static_cast<int16_t>(weight & ((1 << kWeightSplitBits) - 1));
-        int16_t* quad = &plan.quad_weights[(x * plan.quads_per_output + t / 4) * 32];
-        const int64_t lane = (t % 4) / 2 * 8 + t % 2;  // position of this tap's first channel
+        int16_t* octet = &plan.octet_weights[(x * plan.octets_per_output + t / 8) * 64];
+        const int64_t lane = (t % 8) / 2 * 8 + t % 2;  // this tap's red weight
         for (int64_t c = 0; c < 3; ++c) {
-          quad[lane + 2 * c] = hi;
-          quad[16 + lane + 2 * c] = lo;
+          octet[lane + 2 * c] = hi;
+          octet[32 + lane + 2 * c] = lo;
         }
       }
     }
@@ -153,6 +155,22 @@ void resample_row_horizontal_scalar(const uint8_t* src, uint8_t* dst, const Coef
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
+// acc0 and acc1 hold the sums of one output pixel of two rows, each as two lanes of (R, G, B, 0);
+// adds the lanes, rounds, clips to bytes and stores both pixels. The 4-byte stores write one byte
+// past the pixel: the next pixel overwrites it, or it lands in the row pad.
+__attribute__((target("avx2"))) inline void store_pixel_pair(__m256i acc0, __m256i acc1, uint8_t* dst0,
+                                                             uint8_t* dst1) {
+  __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(acc0, acc1, 0x20),
+                                 _mm256_permute2x128_si256(acc0, acc1, 0x31));
+  sum = _mm256_srai_epi32(_mm256_add_epi32(sum, _mm256_set1_epi32(kHalf)), kPrecisionBits);
+  const __m256i words = _mm256_packs_epi32(sum, sum);
+  const __m256i bytes = _mm256_packus_epi16(words, words);
+  const uint32_t rgb0 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0));
+  const uint32_t rgb1 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4));
+  std::memcpy(dst0, &rgb0, 4);
+  std::memcpy(dst1, &rgb1, 4);
+}
+
 // Two rows at once (they share every weight), four taps per step, exact in 16-bit multiplies:
 // each weight is split as hi * 2^11 + lo with both halves in int16, so vpmaddwd, which sums the
 // products of adjacent int16 pairs, computes sum(p * hi) and sum(p * lo) over pairs of taps;
@@ -165,17 +183,17 @@ __attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t
                                                                    int64_t x_begin, int64_t x_end) {
   const __m256i to_pairs = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
                                             6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
-  const __m256i half = _mm256_set1_epi32(kHalf);
   for (int64_t x = x_begin; x < x_end; ++x) {
     const int64_t offset = static_cast<int64_t>(k.first[x]) * 3;
     const uint8_t* s0 = src0 + offset;
     const uint8_t* s1 = src1 + offset;
-    const int16_t* w = plan.quad_weights.data() + x * plan.quads_per_output * 32;
+    const int16_t* w = plan.octet_weights.data() + x * plan.octets_per_output * 64;
     const int32_t quads = (k.count[x] + 3) / 4;
     __m256i hi0 = _mm256_setzero_si256(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
     for (int32_t q = 0; q < quads; ++q) {
-      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q));
-      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * q + 16));
+      const int16_t* quad = w + (q / 2) * 64 + (q % 2) * 16;  // lanes 2(q % 2), 2(q % 2) + 1 of an octet
+      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad));
+      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad + 32));
       const __m256i p0 = _mm256_shuffle_epi8(
           _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s0 + 12 * q))), to_pairs);
       const __m256i p1 = _mm256_shuffle_epi8(
@@ -185,18 +203,47 @@ __attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t
       hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(p1, w_hi));
       lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(p1, w_lo));
     }
-    const __m256i acc0 = _mm256_add_epi32(_mm256_slli_epi32(hi0, kWeightSplitBits), lo0);
-    const __m256i acc1 = _mm256_add_epi32(_mm256_slli_epi32(hi1, kWeightSplitBits), lo1);
-    __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(acc0, acc1, 0x20),
-                                   _mm256_permute2x128_si256(acc0, acc1, 0x31));
-    sum = _mm256_srai_epi32(_mm256_add_epi32(sum, half), kPrecisionBits);
-    const __m256i words = _mm256_packs_epi32(sum, sum);
-    const __m256i bytes = _mm256_packus_epi16(words, words);
-    const uint32_t rgb0 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 0));
-    const uint32_t rgb1 = static_cast<uint32_t>(_mm256_extract_epi32(bytes, 4));
-    // 4-byte stores: the 4th byte is overwritten by the next pixel or lands in the row pad.
-    std::memcpy(dst0 + 3 * x, &rgb0, 4);
-    std::memcpy(dst1 + 3 * x, &rgb1, 4);
+    store_pixel_pair(_mm256_add_epi32(_mm256_slli_epi32(hi0, kWeightSplitBits), lo0),
+                     _mm256_add_epi32(_mm256_slli_epi32(hi1, kWeightSplitBits), lo1), dst0 + 3 * x, dst1 + 3 * x);
+  }
+}
+
+// Eight taps per step with AVX-512: 24 RGB bytes permuted (vpermb, zeroing the odd bytes) into the
+// four lanes of (R_t, R_t+1, G_t, G_t+1, B_t, B_t+1, 0, 0), multiplied and summed by vpdpwssd.
+__attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resample_rows_horizontal_avx512(
+    const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1, const Coefficients& k,
+    const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
+  alignas(64) static const uint8_t kPermutation[64] = {
+      0,  0, 3,  0, 1,  0, 4,  0, 2,  0, 5,  0, 0, 0, 0, 0,   // taps 0, 1
+      6,  0, 9,  0, 7,  0, 10, 0, 8,  0, 11, 0, 0, 0, 0, 0,   // taps 2, 3
+      12, 0, 15, 0, 13, 0, 16, 0, 14, 0, 17, 0, 0, 0, 0, 0,   // taps 4, 5
+      18, 0, 21, 0, 19, 0, 22, 0, 20, 0, 23, 0, 0, 0, 0, 0};  // taps 6, 7
+  const __m512i permutation = _mm512_load_si512(kPermutation);
+  constexpr __mmask64 kPixelBytes = 0x0555055505550555ULL;  // bytes 0, 2, ..., 10 of every lane
+  for (int64_t x = x_begin; x < x_end; ++x) {
+    const int64_t offset = static_cast<int64_t>(k.first[x]) * 3;
+    const uint8_t* s0 = src0 + offset;
+    const uint8_t* s1 = src1 + offset;
+    const int16_t* w = plan.octet_weights.data() + x * plan.octets_per_output * 64;
+    const int32_t octets = (k.count[x] + 7) / 8;
+    __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
+    for (int32_t o = 0; o < octets; ++o) {
+      const __m512i w_hi = _mm512_loadu_si512(w + 64 * o);
+      const __m512i w_lo = _mm512_loadu_si512(w + 64 * o + 32);
+      const __m512i p0 = _mm512_maskz_permutexvar_epi8(
+          kPixelBytes, permutation, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + 24 * o))));
+      const __m512i p1 = _mm512_maskz_permutexvar_epi8(
+          kPixelBytes, permutation, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1 + 24 * o))));
+      hi0 = _mm512_dpwssd_epi32(hi0, p0, w_hi);
+      lo0 = _mm512_dpwssd_epi32(lo0, p0, w_lo);
+      hi1 = _mm512_dpwssd_epi32(hi1, p1, w_hi);
+      lo1 = _mm512_dpwssd_epi32(lo1, p1, w_lo);
+    }
+    const __m512i acc0 = _mm512_add_epi32(_mm512_slli_epi32(hi0, kWeightSplitBits), lo0);
+    const __m512i acc1 = _mm512_add_epi32(_mm512_slli_epi32(hi1, kWeightSplitBits), lo1);
+    store_pixel_pair(_mm256_add_epi32(_mm512_castsi512_si256(acc0), _mm512_extracti64x4_epi64(acc0, 1)),
+                     _mm256_add_epi32(_mm512_castsi512_si256(acc1), _mm512_extracti64x4_epi64(acc1, 1)),
+                     dst0 + 3 * x, dst1 + 3 * x);
   }
 }
 #endif
@@ -212,14 +259,38 @@ void resample_rows_horizontal_scalar(const uint8_t* src0, const uint8_t* src1, u
 using HorizontalKernel = void (*)(const uint8_t*, const uint8_t*, uint8_t*, uint8_t*, const Coefficients&,
                                   const ImagePlan&, int64_t, int64_t);
 
-HorizontalKernel pick_horizontal_kernel() {
+struct NamedKernel {
+  const char* name;
+  HorizontalKernel kernel;
+  bool (*supported)();
+};
+
+const NamedKernel kHorizontalKernels[] = {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx2")) return resample_rows_horizontal_avx2;
+    {"avx512", resample_rows_horizontal_avx512,
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vnni");
+     }},
+    {"avx2", resample_rows_horizontal_avx2, [] { return static_cast<bool>(__builtin_cpu_supports("avx2")); }},
 #endif
-  return resample_rows_horizontal_scalar;
+    {"scalar", resample_rows_horizontal_scalar, [] { return true; }},
+};
+
+// The fastest kernel this CPU runs, unless set_horizontal_kernel chose another.
+const NamedKernel* pick_horizontal_kernel() {
+  for (const NamedKernel& k : kHorizontalKernels) {
+    if (k.supported()) return &k;
+  }
+  return nullptr;  // unreachable: the scalar kernel runs everywhere
 }
 
-const HorizontalKernel resample_rows_horizontal = pick_horizontal_kernel();
+std::atomic<const NamedKernel*> horizontal_kernel{pick_horizontal_kernel()};
+
+void resample_rows_horizontal(const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1,
+                              const Coefficients& k, const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
+  horizontal_kernel.load(std::memory_order_relaxed)->kernel(src0, src1, dst0, dst1, k, plan, x_begin, x_end);
+}
 
 // Output row y of the vertical pass over source rows rows[i] = row first_row + i, row_len bytes.
 // Compiled for AVX2 too and chosen at load time: the loops vectorise as they are.
@@ -330,6 +401,26 @@ void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, c
 }
 
 }  // namespace
+
+std::vector<std::string> supported_horizontal_kernels() {
+  std::vector<std::string> names;
+  for (const NamedKernel& k : kHorizontalKernels) {
+    if (k.supported()) names.emplace_back(k.name);
+  }
+  return names;
+}
+
+std::string selected_horizontal_kernel() { return horizontal_kernel.load()->name; }
+
+void select_horizontal_kernel(const std::string& name) {
+  for (const NamedKernel& k : kHorizontalKernels) {
+    if (name == k.name && k.supported()) {
+      horizontal_kernel.store(&k);
+      return;
+    }
+  }
+  throw std::invalid_argument("kernel '" + name + "' is not one this CPU runs");
+}
 
 Filter parse_filter(const std::string& name) {
   if (name == "box") return Filter::Box;

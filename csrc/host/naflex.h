@@ -52,4 +52,10 @@ void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets
           const int32_t* cu_seqlens, const float* lut, int64_t patch_size, Filter filter,
           float* patches, int32_t* position_ids, int num_threads);
 
+// The horizontal pass has vectorised kernels ("avx512", "avx2") and a portable one ("scalar"),
+// all exact; the fastest one the CPU runs is used unless another is selected (tests run each).
+std::vector<std::string> supported_horizontal_kernels();
+std::string selected_horizontal_kernel();
+void select_horizontal_kernel(const std::string& name);
+
 }  // namespace glm5v::naflex

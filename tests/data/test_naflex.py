@@ -104,6 +104,40 @@ def test_pack_matches_reference(case, resample, seed):
         assert_packed_equal(packed, pack_reference(images, processor))
 
 
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def horizontal_kernel(request):
+    """Each exact horizontal-resampling kernel in turn (skipped where the CPU lacks it)."""
+    from glm5v_kernels._backend import host_module
+
+    host = host_module()
+    if request.param not in host.naflex_supported_kernels():
+        pytest.skip(f"this CPU does not run the {request.param} kernel")
+    previous = host.naflex_kernel()
+    host.naflex_kernel(request.param)
+    yield request.param
+    host.naflex_kernel(previous)
+
+
+@pytest.mark.parametrize("resample", ["bilinear", "lanczos"])
+@pytest.mark.parametrize("case", ["rgb-downscale", "grey", "upscale-tiny", "tall-vertical-first", "odd-patch-7"])
+def test_every_horizontal_kernel_matches_reference(horizontal_kernel, case, resample, seed):
+    spec = PACK_CASES[case]
+    rng = np.random.default_rng(seed)
+    images = [random_image(rng, h, w, spec["channels"]) for h, w in spec["sizes"]]
+    # A strong downscale too: windows of many taps take several steps of the vector loops.
+    images.append(random_image(rng, 911, 1301))
+    processor = NaFlexProcessor(resample=resample, **spec["processor"])
+    assert_packed_equal(pack_images(images, processor, num_threads=2), pack_reference(images, processor))
+
+
+def test_unknown_horizontal_kernel_is_refused():
+    from glm5v_kernels._backend import host_module
+
+    with pytest.raises(ValueError, match="not one this CPU runs"):
+        host_module().naflex_kernel("avx1024")
+    assert host_module().naflex_kernel() in host_module().naflex_supported_kernels()
+
+
 def test_pack_many_images_many_threads():
     rng = np.random.default_rng(7)
     images = [random_image(rng, int(h), int(w), int(c))
