@@ -3,7 +3,9 @@ padding into one buffer, the input format of varlen attention over images.
 
 The pixel work runs in C++ (`glm5v_kernels._host`, csrc/host/naflex.cpp) on all cores with the
 GIL released; `reference.py` beside this file is its specification. With matching settings the
-patches equal those of transformers' Siglip2 image processor (Pillow >= 13) exactly.
+patches equal those of transformers' Siglip2 image processor (Pillow >= 13) exactly. The
+horizontal resampling pass uses the fastest exact kernel the CPU runs (AVX-512 VBMI + VNNI,
+AVX2, or portable C++); `glm5v_kernels._host.naflex_kernel(name)` selects another one.
 """
 
 from __future__ import annotations
