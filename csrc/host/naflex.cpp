@@ -78,9 +78,8 @@ constexpr int kWeightSplitBits = 11;
 struct ImagePlan {
   Coefficients horizontal, vertical;
   // Horizontal weights for the vectorised loops, per output x and group of 8 taps (zero-padded):
-  // 32 int16 of the high parts then 32 of the low parts (weight = hi * 2^11 + lo). Each part is four
-  // 128-bit lanes, lane j for taps 2j and 2j+1 laid out (w0 w1 w0 w1 w0 w1 0 0) to meet the
-  // shuffled pixels (R0 R1 G0 G1 B0 B1 0 0).
+  // the 8 high parts then the 8 low parts (weight = hi * 2^11 + lo, both int16); the kernels spread
+  // them in registers to meet the shuffled pixels.
   std::vector<int16_t> octet_weights;
   int64_t octets_per_output = 0;
   bool resize_width = false, resize_height = false;
@@ -99,18 +98,13 @@ ImagePlan make_plan(const ImageView& image, const Size& out, Filter filter) {
   if (plan.resize_width) {
     const Coefficients& k = plan.horizontal = resample_coefficients(image.width, out.width, filter);
     plan.octets_per_output = (k.ksize + 7) / 8;
-    plan.octet_weights.assign(static_cast<size_t>(out.width * plan.octets_per_output * 64), 0);
+    plan.octet_weights.assign(static_cast<size_t>(out.width * plan.octets_per_output * 16), 0);
     for (int64_t x = 0; x < out.width; ++x) {
       for (int32_t t = 0; t < k.count[x]; ++t) {
         const int32_t weight = k.weights[x * k.ksize + t];
-        const int16_t hi = static_cast<int16_t>(weight >> kWeightSplitBits);
-        const int16_t lo = static_cast<int16_t>(weight & ((1 << kWeightSplitBits) - 1));
-        int16_t* octet = &plan.octet_weights[(x * plan.octets_per_output + t / 8) * 64];
-        const int64_t lane = (t % 8) / 2 * 8 + t % 2;  // this tap's red weight
-        for (int64_t c = 0; c < 3; ++c) {
-          octet[lane + 2 * c] = hi;
-          octet[32 + lane + 2 * c] = lo;
-        }
+        int16_t* octet = &plan.octet_weights[(x * plan.octets_per_output + t / 8) * 16];
+        octet[t % 8] = static_cast<int16_t>(weight >> kWeightSplitBits);
+        octet[8 + t % 8] = static_cast<int16_t>(weight & ((1 << kWeightSplitBits) - 1));
       }
     }
   }
@@ -183,17 +177,26 @@ __attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t
                                                                    int64_t x_begin, int64_t x_end) {
   const __m256i to_pairs = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
                                             6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
+  // The 8 int16 weights of a group of 8 taps spread to (w0 w1 w0 w1 w0 w1 0 0) lanes, taps 0-3
+  // (even quads) or 4-7 (odd quads).
+  const __m256i spread_even = _mm256_setr_epi8(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, -1, -1, -1, -1,
+                                               4, 5, 6, 7, 4, 5, 6, 7, 4, 5, 6, 7, -1, -1, -1, -1);
+  const __m256i spread_odd = _mm256_setr_epi8(8, 9, 10, 11, 8, 9, 10, 11, 8, 9, 10, 11, -1, -1, -1, -1,
+                                              12, 13, 14, 15, 12, 13, 14, 15, 12, 13, 14, 15, -1, -1, -1, -1);
   for (int64_t x = x_begin; x < x_end; ++x) {
     const int64_t offset = static_cast<int64_t>(k.first[x]) * 3;
     const uint8_t* s0 = src0 + offset;
     const uint8_t* s1 = src1 + offset;
-    const int16_t* w = plan.octet_weights.data() + x * plan.octets_per_output * 64;
+    const int16_t* w = plan.octet_weights.data() + x * plan.octets_per_output * 16;
     const int32_t quads = (k.count[x] + 3) / 4;
     __m256i hi0 = _mm256_setzero_si256(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
     for (int32_t q = 0; q < quads; ++q) {
-      const int16_t* quad = w + (q / 2) * 64 + (q % 2) * 16;  // lanes 2(q % 2), 2(q % 2) + 1 of an octet
-      const __m256i w_hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad));
-      const __m256i w_lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad + 32));
+      const int16_t* octet = w + (q / 2) * 16;
+      const __m256i spread = q % 2 ? spread_odd : spread_even;
+      const __m256i w_hi = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(octet))), spread);
+      const __m256i w_lo = _mm256_shuffle_epi8(
+          _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(octet + 8))), spread);
       const __m256i p0 = _mm256_shuffle_epi8(
           _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s0 + 12 * q))), to_pairs);
       const __m256i p1 = _mm256_shuffle_epi8(
@@ -220,16 +223,25 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resa
       18, 0, 21, 0, 19, 0, 22, 0, 20, 0, 23, 0, 0, 0, 0, 0};  // taps 6, 7
   const __m512i permutation = _mm512_load_si512(kPermutation);
   constexpr __mmask64 kPixelBytes = 0x0555055505550555ULL;  // bytes 0, 2, ..., 10 of every lane
+  alignas(64) static const int16_t kWeightSpread[32] = {0, 1, 0, 1, 0, 1, 0, 0, 2, 3, 2, 3, 2, 3, 0, 0,
+                                                        4, 5, 4, 5, 4, 5, 0, 0, 6, 7, 6, 7, 6, 7, 0, 0};
+  const __m512i spread_hi = _mm512_load_si512(kWeightSpread);
+  const __m512i spread_lo = _mm512_add_epi16(spread_hi, _mm512_set1_epi16(8));
+  constexpr __mmask32 kWeightWords = 0x3F3F3F3F;  // words 0..5 of every lane
+  const int32_t* first = k.first.data();
+  const int32_t* count = k.count.data();
+  const int16_t* weights = plan.octet_weights.data();
   for (int64_t x = x_begin; x < x_end; ++x) {
-    const int64_t offset = static_cast<int64_t>(k.first[x]) * 3;
+    const int64_t offset = static_cast<int64_t>(first[x]) * 3;
     const uint8_t* s0 = src0 + offset;
     const uint8_t* s1 = src1 + offset;
-    const int16_t* w = plan.octet_weights.data() + x * plan.octets_per_output * 64;
-    const int32_t octets = (k.count[x] + 7) / 8;
+    const int16_t* w = weights + x * plan.octets_per_output * 16;
+    const int32_t octets = (count[x] + 7) / 8;
     __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
     for (int32_t o = 0; o < octets; ++o) {
-      const __m512i w_hi = _mm512_loadu_si512(w + 64 * o);
-      const __m512i w_lo = _mm512_loadu_si512(w + 64 * o + 32);
+      const __m512i packed = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * o)));
+      const __m512i w_hi = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_hi, packed);
+      const __m512i w_lo = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_lo, packed);
       const __m512i p0 = _mm512_maskz_permutexvar_epi8(
           kPixelBytes, permutation, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + 24 * o))));
       const __m512i p1 = _mm512_maskz_permutexvar_epi8(
@@ -295,7 +307,7 @@ void resample_rows_horizontal(const uint8_t* src0, const uint8_t* src1, uint8_t*
 // Output row y of the vertical pass over source rows rows[i] = row first_row + i, row_len bytes.
 // Compiled for AVX2 too and chosen at load time: the loops vectorise as they are.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #endif
 void resample_row_vertical(const uint8_t* const* rows, int64_t first_row, const Coefficients& k, int64_t y,
                            int64_t row_len, int32_t* accumulator, uint8_t* dst) {
