@@ -289,7 +289,7 @@ const NamedKernel kHorizontalKernels[] = {
     {"scalar", resample_rows_horizontal_scalar, [] { return true; }},
 };
 
-// The fastest kernel this CPU runs, unless set_horizontal_kernel chose another.
+// The fastest kernel this CPU runs; select_horizontal_kernel may choose another.
 const NamedKernel* pick_horizontal_kernel() {
   for (const NamedKernel& k : kHorizontalKernels) {
     if (k.supported()) return &k;

@@ -1,8 +1,8 @@
 // NaFlex image preprocessing: aspect-preserving resize to a patch budget, normalisation and
 // patchify, all images packed into one buffer without padding.
 //
-// The resampling is Pillow's (Resample.c) to the bit: separable filters with 22-bit fixed-point
-// coefficients, horizontal pass first, rounding to 8 bits after each pass. That is what
+// The resampling is Pillow 13's (Resample.c) to the bit: separable filters with 22-bit fixed-point
+// coefficients, rounding to 8 bits after each pass, the passes in Pillow's order. That is what
 // transformers' Siglip2 image processor runs (PIL resize of uint8 RGB), so packed patches agree
 // with it exactly. glm5v_kernels/data/reference.py is the specification in numpy.
 #pragma once
