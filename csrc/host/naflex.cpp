@@ -71,6 +71,8 @@ int64_t scaled_side(double scale, int64_t size, int64_t unit) {
 // Rows are RGB bytes followed by kRowPad spare bytes: the vector loads below read up to 32 bytes
 // from the start of a group of 8 taps, padded taps (weight 0) lying up to 7 pixels past a window.
 constexpr int64_t kRowPad = 32;
+// The horizontal kernels resample this many rows per call; the rows share every weight.
+constexpr int kRowsPerCall = 4;
 // Weights are split as hi * 2^kWeightSplitBits + lo so that both halves fit int16.
 constexpr int kWeightSplitBits = 11;
 
@@ -171,10 +173,9 @@ __attribute__((target("avx2"))) inline void store_pixel_pair(__m256i acc0, __m25
 // (sum_hi << 11) + sum_lo is the 32-bit sum Pillow forms. 12 RGB bytes (4 taps) are broadcast to
 // both 128-bit lanes and shuffled into 16-bit (R_t, R_t+1, G_t, G_t+1, B_t, B_t+1, 0, 0), taps
 // t, t+1 in the low lane and t+2, t+3 in the high lane.
-__attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t* src0, const uint8_t* src1,
-                                                                   uint8_t* dst0, uint8_t* dst1,
-                                                                   const Coefficients& k, const ImagePlan& plan,
-                                                                   int64_t x_begin, int64_t x_end) {
+__attribute__((target("avx2"))) void resample_row_pair_avx2(const uint8_t* src0, const uint8_t* src1,
+                                                            uint8_t* dst0, uint8_t* dst1, const Coefficients& k,
+                                                            const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
   const __m256i to_pairs = _mm256_setr_epi8(0, -1, 3, -1, 1, -1, 4, -1, 2, -1, 5, -1, -1, -1, -1, -1,
                                             6, -1, 9, -1, 7, -1, 10, -1, 8, -1, 11, -1, -1, -1, -1, -1);
   // The 8 int16 weights of a group of 8 taps spread to (w0 w1 w0 w1 w0 w1 0 0) lanes, taps 0-3
@@ -211,11 +212,21 @@ __attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t
   }
 }
 
-// Eight taps per step with AVX-512: 24 RGB bytes permuted (vpermb, zeroing the odd bytes) into the
-// four lanes of (R_t, R_t+1, G_t, G_t+1, B_t, B_t+1, 0, 0), multiplied and summed by vpdpwssd.
+__attribute__((target("avx2"))) void resample_rows_horizontal_avx2(const uint8_t* const* src, uint8_t* const* dst,
+                                                                   const Coefficients& k, const ImagePlan& plan,
+                                                                   int64_t x_begin, int64_t x_end) {
+  resample_row_pair_avx2(src[0], src[1], dst[0], dst[1], k, plan, x_begin, x_end);
+  if (src[2] != src[1]) resample_row_pair_avx2(src[2], src[3], dst[2], dst[3], k, plan, x_begin, x_end);
+}
+
+// Four rows at once and eight taps per step with AVX-512: 24 RGB bytes permuted (vpermb, zeroing
+// the odd bytes) into the four lanes of (R_t, R_t+1, G_t, G_t+1, B_t, B_t+1, 0, 0), multiplied and
+// summed by vpdpwssd; the weights come as 8 high and 8 low int16 and are spread in registers.
+// At the end the four lanes of the four rows are summed by two rounds of 128-bit shuffles, which
+// leaves row r's pixel in lane r.
 __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resample_rows_horizontal_avx512(
-    const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1, const Coefficients& k,
-    const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
+    const uint8_t* const* src, uint8_t* const* dst, const Coefficients& k, const ImagePlan& plan, int64_t x_begin,
+    int64_t x_end) {
   alignas(64) static const uint8_t kPermutation[64] = {
       0,  0, 3,  0, 1,  0, 4,  0, 2,  0, 5,  0, 0, 0, 0, 0,   // taps 0, 1
       6,  0, 9,  0, 7,  0, 10, 0, 8,  0, 11, 0, 0, 0, 0, 0,   // taps 2, 3
@@ -228,48 +239,58 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resa
   const __m512i spread_hi = _mm512_load_si512(kWeightSpread);
   const __m512i spread_lo = _mm512_add_epi16(spread_hi, _mm512_set1_epi16(8));
   constexpr __mmask32 kWeightWords = 0x3F3F3F3F;  // words 0..5 of every lane
+  const __m512i half = _mm512_set1_epi32(kHalf);
   const int32_t* first = k.first.data();
   const int32_t* count = k.count.data();
   const int16_t* weights = plan.octet_weights.data();
   for (int64_t x = x_begin; x < x_end; ++x) {
     const int64_t offset = static_cast<int64_t>(first[x]) * 3;
-    const uint8_t* s0 = src0 + offset;
-    const uint8_t* s1 = src1 + offset;
     const int16_t* w = weights + x * plan.octets_per_output * 16;
     const int32_t octets = (count[x] + 7) / 8;
-    __m512i hi0 = _mm512_setzero_si512(), lo0 = hi0, hi1 = hi0, lo1 = hi0;
+    __m512i hi[4], lo[4];
+    for (int r = 0; r < 4; ++r) hi[r] = lo[r] = _mm512_setzero_si512();
     for (int32_t o = 0; o < octets; ++o) {
       const __m512i packed = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 16 * o)));
       const __m512i w_hi = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_hi, packed);
       const __m512i w_lo = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_lo, packed);
-      const __m512i p0 = _mm512_maskz_permutexvar_epi8(
-          kPixelBytes, permutation, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s0 + 24 * o))));
-      const __m512i p1 = _mm512_maskz_permutexvar_epi8(
-          kPixelBytes, permutation, _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s1 + 24 * o))));
-      hi0 = _mm512_dpwssd_epi32(hi0, p0, w_hi);
-      lo0 = _mm512_dpwssd_epi32(lo0, p0, w_lo);
-      hi1 = _mm512_dpwssd_epi32(hi1, p1, w_hi);
-      lo1 = _mm512_dpwssd_epi32(lo1, p1, w_lo);
+      for (int r = 0; r < 4; ++r) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + offset + 24 * o));
+        const __m512i p = _mm512_maskz_permutexvar_epi8(kPixelBytes, permutation, _mm512_castsi256_si512(raw));
+        hi[r] = _mm512_dpwssd_epi32(hi[r], p, w_hi);
+        lo[r] = _mm512_dpwssd_epi32(lo[r], p, w_lo);
+      }
     }
-    const __m512i acc0 = _mm512_add_epi32(_mm512_slli_epi32(hi0, kWeightSplitBits), lo0);
-    const __m512i acc1 = _mm512_add_epi32(_mm512_slli_epi32(hi1, kWeightSplitBits), lo1);
-    store_pixel_pair(_mm256_add_epi32(_mm512_castsi512_si256(acc0), _mm512_extracti64x4_epi64(acc0, 1)),
-                     _mm256_add_epi32(_mm512_castsi512_si256(acc1), _mm512_extracti64x4_epi64(acc1, 1)),
-                     dst0 + 3 * x, dst1 + 3 * x);
+    __m512i acc[4];
+    for (int r = 0; r < 4; ++r) acc[r] = _mm512_add_epi32(_mm512_slli_epi32(hi[r], kWeightSplitBits), lo[r]);
+    // lanes (r0: 0+2, 1+3, r1: 0+2, 1+3) and the same for rows 2, 3; then (r0, r1, r2, r3) totals
+    const __m512i s01 = _mm512_add_epi32(_mm512_shuffle_i64x2(acc[0], acc[1], 0x44),
+                                         _mm512_shuffle_i64x2(acc[0], acc[1], 0xEE));
+    const __m512i s23 = _mm512_add_epi32(_mm512_shuffle_i64x2(acc[2], acc[3], 0x44),
+                                         _mm512_shuffle_i64x2(acc[2], acc[3], 0xEE));
+    __m512i total = _mm512_add_epi32(_mm512_shuffle_i64x2(s01, s23, 0x88), _mm512_shuffle_i64x2(s01, s23, 0xDD));
+    total = _mm512_max_epi32(_mm512_srai_epi32(_mm512_add_epi32(total, half), kPrecisionBits), _mm512_setzero_si512());
+    const __m128i bytes = _mm512_cvtusepi32_epi8(total);  // saturates at 255; negatives were clipped above
+    // 4-byte stores: the 4th byte is overwritten by the next pixel or lands in the row pad.
+    const uint32_t rgb[4] = {static_cast<uint32_t>(_mm_extract_epi32(bytes, 0)),
+                             static_cast<uint32_t>(_mm_extract_epi32(bytes, 1)),
+                             static_cast<uint32_t>(_mm_extract_epi32(bytes, 2)),
+                             static_cast<uint32_t>(_mm_extract_epi32(bytes, 3))};
+    for (int r = 0; r < 4; ++r) std::memcpy(dst[r] + 3 * x, &rgb[r], 4);
   }
 }
 #endif
 
-void resample_rows_horizontal_scalar(const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1,
-                                     const Coefficients& k, const ImagePlan&, int64_t x_begin, int64_t x_end) {
-  resample_row_horizontal_scalar(src0, dst0, k, x_begin, x_end);
-  if (src1 != src0) resample_row_horizontal_scalar(src1, dst1, k, x_begin, x_end);
+void resample_rows_horizontal_scalar(const uint8_t* const* src, uint8_t* const* dst, const Coefficients& k,
+                                     const ImagePlan&, int64_t x_begin, int64_t x_end) {
+  for (int r = 0; r < kRowsPerCall; ++r) {
+    if (r == 0 || src[r] != src[r - 1]) resample_row_horizontal_scalar(src[r], dst[r], k, x_begin, x_end);
+  }
 }
 
-// Resamples outputs [x_begin, x_end) of two rows (src0 -> dst0, src1 -> dst1); pass the same row
-// twice for one.
-using HorizontalKernel = void (*)(const uint8_t*, const uint8_t*, uint8_t*, uint8_t*, const Coefficients&,
-                                  const ImagePlan&, int64_t, int64_t);
+// Resamples outputs [x_begin, x_end) of kRowsPerCall rows, src[r] -> dst[r]; a caller with fewer
+// rows repeats its last one (same source and destination), which the kernels may skip.
+using HorizontalKernel = void (*)(const uint8_t* const*, uint8_t* const*, const Coefficients&, const ImagePlan&,
+                                  int64_t, int64_t);
 
 struct NamedKernel {
   const char* name;
@@ -299,9 +320,9 @@ const NamedKernel* pick_horizontal_kernel() {
 
 std::atomic<const NamedKernel*> horizontal_kernel{pick_horizontal_kernel()};
 
-void resample_rows_horizontal(const uint8_t* src0, const uint8_t* src1, uint8_t* dst0, uint8_t* dst1,
-                              const Coefficients& k, const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
-  horizontal_kernel.load(std::memory_order_relaxed)->kernel(src0, src1, dst0, dst1, k, plan, x_begin, x_end);
+void resample_rows_horizontal(const uint8_t* const* src, uint8_t* const* dst, const Coefficients& k,
+                              const ImagePlan& plan, int64_t x_begin, int64_t x_end) {
+  horizontal_kernel.load(std::memory_order_relaxed)->kernel(src, dst, k, plan, x_begin, x_end);
 }
 
 // Output row y of the vertical pass over source rows rows[i] = row first_row + i, row_len bytes.
@@ -368,38 +389,42 @@ void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, c
 
   if (!plan.vertical_first && plan.resize_width) {
     widened.resize(static_cast<size_t>(num_rows * out_stride));
-    for (int64_t i = 0; i < num_rows; i += 2) {
-      const int64_t j = std::min(i + 1, num_rows - 1);
-      resample_rows_horizontal(rows[i], rows[j], &widened[i * out_stride], &widened[j * out_stride],
-                               plan.horizontal, plan, 0, out.width);
+    for (int64_t i = 0; i < num_rows; i += kRowsPerCall) {
+      const uint8_t* src[kRowsPerCall];
+      uint8_t* dst[kRowsPerCall];
+      for (int r = 0; r < kRowsPerCall; ++r) {
+        const int64_t row = std::min<int64_t>(i + r, num_rows - 1);
+        src[r] = rows[row];
+        dst[r] = &widened[row * out_stride];
+      }
+      resample_rows_horizontal(src, dst, plan.horizontal, plan, 0, out.width);
     }
     for (int64_t i = 0; i < num_rows; ++i) rows[i] = &widened[i * out_stride];
   }
-  // Output rows go in pairs, which the horizontal kernel resamples together when it runs second.
+  // Output rows go in groups, which the horizontal kernel resamples together when it runs second.
   const int64_t source_row_len = plan.vertical_first ? in_row_len : out_row_len;
   const int64_t line_stride = source_row_len + kRowPad;
-  line.resize(static_cast<size_t>(2 * line_stride));
+  line.resize(static_cast<size_t>(kRowsPerCall * line_stride));
   accumulator.resize(static_cast<size_t>(source_row_len));
-  resized.resize(static_cast<size_t>(2 * out_stride));
-  for (int64_t y = y_begin; y < y_end; y += 2) {
-    const int64_t pair = std::min<int64_t>(2, y_end - y);
-    const uint8_t* values[2] = {nullptr, nullptr};
-    for (int64_t i = 0; i < pair; ++i) {
-      if (plan.resize_height) {
-        uint8_t* dst = &line[i * line_stride];
-        resample_row_vertical(rows.data(), in_begin, vk, y + i, source_row_len, accumulator.data(), dst);
-        values[i] = dst;
-      } else {
-        values[i] = rows[y + i - in_begin];
+  resized.resize(static_cast<size_t>(kRowsPerCall * out_stride));
+  for (int64_t y = y_begin; y < y_end; y += kRowsPerCall) {
+    const int64_t group = std::min<int64_t>(kRowsPerCall, y_end - y);
+    const uint8_t* values[kRowsPerCall];
+    uint8_t* resized_rows[kRowsPerCall];
+    for (int64_t i = 0; i < kRowsPerCall; ++i) {
+      const int64_t r = std::min(i, group - 1);
+      if (i == r && plan.resize_height) {
+        resample_row_vertical(rows.data(), in_begin, vk, y + r, source_row_len, accumulator.data(),
+                              &line[r * line_stride]);
       }
+      values[i] = plan.resize_height ? &line[r * line_stride] : rows[y + r - in_begin];
+      resized_rows[i] = &resized[r * out_stride];
     }
     if (plan.vertical_first && plan.resize_width) {
-      const int64_t last = pair - 1;
-      resample_rows_horizontal(values[0], values[last], &resized[0], &resized[last * out_stride], plan.horizontal,
-                               plan, 0, out.width);
-      for (int64_t i = 0; i < pair; ++i) values[i] = &resized[i * out_stride];
+      resample_rows_horizontal(values, resized_rows, plan.horizontal, plan, 0, out.width);
+      for (int64_t i = 0; i < group; ++i) values[i] = resized_rows[i];
     }
-    for (int64_t i = 0; i < pair; ++i) emit_row(values[i], y + i, grid_width, first_patch, lut, patch_size, patches);
+    for (int64_t i = 0; i < group; ++i) emit_row(values[i], y + i, grid_width, first_patch, lut, patch_size, patches);
   }
 
   for (int64_t patch_row = band.first_patch_row; patch_row < band.first_patch_row + band.num_patch_rows;
