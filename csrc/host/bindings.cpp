@@ -7,12 +7,12 @@
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
-#include <string>
-#include <vector>
 
 #include "naflex.h"
 #include "parallel.h"
