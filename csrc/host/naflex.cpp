@@ -243,6 +243,9 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resa
   const int32_t* first = k.first.data();
   const int32_t* count = k.count.data();
   const int16_t* weights = plan.octet_weights.data();
+  // Local copies: the stores below could alias the caller's pointer arrays, these cannot.
+  const uint8_t* const rows[4] = {src[0], src[1], src[2], src[3]};
+  uint8_t* const outs[4] = {dst[0], dst[1], dst[2], dst[3]};
   for (int64_t x = x_begin; x < x_end; ++x) {
     const int64_t offset = static_cast<int64_t>(first[x]) * 3;
     const int16_t* w = weights + x * plan.octets_per_output * 16;
@@ -254,7 +257,7 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resa
       const __m512i w_hi = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_hi, packed);
       const __m512i w_lo = _mm512_maskz_permutexvar_epi16(kWeightWords, spread_lo, packed);
       for (int r = 0; r < 4; ++r) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[r] + offset + 24 * o));
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + offset + 24 * o));
         const __m512i p = _mm512_maskz_permutexvar_epi8(kPixelBytes, permutation, _mm512_castsi256_si512(raw));
         hi[r] = _mm512_dpwssd_epi32(hi[r], p, w_hi);
         lo[r] = _mm512_dpwssd_epi32(lo[r], p, w_lo);
@@ -275,7 +278,7 @@ __attribute__((target("avx2,avx512f,avx512bw,avx512vbmi,avx512vnni"))) void resa
                              static_cast<uint32_t>(_mm_extract_epi32(bytes, 1)),
                              static_cast<uint32_t>(_mm_extract_epi32(bytes, 2)),
                              static_cast<uint32_t>(_mm_extract_epi32(bytes, 3))};
-    for (int r = 0; r < 4; ++r) std::memcpy(dst[r] + 3 * x, &rgb[r], 4);
+    for (int r = 0; r < 4; ++r) std::memcpy(outs[r] + 3 * x, &rgb[r], 4);
   }
 }
 #endif
