@@ -315,6 +315,9 @@ const NamedKernel kHorizontalKernels[] = {
 
 // The fastest kernel this CPU runs; select_horizontal_kernel may choose another.
 const NamedKernel* pick_horizontal_kernel() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();  // this runs during static initialisation, maybe before libgcc's own
+#endif
   for (const NamedKernel& k : kHorizontalKernels) {
     if (k.supported()) return &k;
   }
