@@ -308,3 +308,31 @@ def test_missing_host_extension_explains_how_to_build(monkeypatch):
     monkeypatch.setattr(backend.importlib, "import_module", fail)
     with pytest.raises(ImportError, match=r"pip install -e \."):
         pack_images([GOOD], NaFlexProcessor())
+
+
+def test_packing_releases_the_gil():
+    """While a long pack runs in another thread, this thread keeps running Python: the largest
+    pause it sees is a small part of the pack's duration (with the GIL held it would span it)."""
+    import threading
+    import time
+
+    image = random_image(np.random.default_rng(9), 2000, 2000)
+    done = threading.Event()
+    duration = []
+
+    def work():
+        start = time.perf_counter()
+        pack_images([image] * 60, NaFlexProcessor(), num_threads=1)
+        duration.append(time.perf_counter() - start)
+        done.set()
+
+    worker = threading.Thread(target=work)
+    last = time.perf_counter()
+    largest_pause = 0.0
+    worker.start()
+    while not done.is_set():
+        now = time.perf_counter()
+        largest_pause, last = max(largest_pause, now - last), now
+    worker.join()
+    assert duration[0] > 0.02, "the pack must run long enough to tell"
+    assert largest_pause < 0.5 * duration[0], (largest_pause, duration[0])
