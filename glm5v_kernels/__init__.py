@@ -5,6 +5,7 @@ data-pipeline kernels (NaFlex packing). Nothing here imports the `glm5v` trainer
 """
 
 from glm5v_kernels import data
+from glm5v_kernels.ops.muon import newton_schulz
 
 __version__ = "0.1.0"
-__all__ = ["data"]
+__all__ = ["data", "newton_schulz"]

@@ -1,0 +1,2 @@
+"""Kernel families, one folder each: reference.py (the specification), triton.py (kernels and
+launchers), op.py (what runs on which backend), __init__.py (the validated functional API)."""

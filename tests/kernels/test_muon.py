@@ -1,0 +1,168 @@
+"""Muon's Newton–Schulz (glm5v_kernels/ops/muon): the symmetric Gram kernel and the iteration
+against float64 references, under the Triton interpreter on CPU (the real kernels on a GPU), and
+the kernel's sm_90a compile report."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from glm5v_kernels import newton_schulz
+from glm5v_kernels._backend import use_backend
+from glm5v_kernels.ops.muon import reference
+from glm5v_kernels.testing import assert_close, assert_compiles_clean, compile_for_sm90, poison_
+
+triton_ops = pytest.importorskip("glm5v_kernels.ops.muon.triton")
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+BACKEND = "triton" if ON_GPU else "interpret"
+# fp32 dots may run as tf32 on a GPU; the interpreter computes them in fp32.
+FP32_TOL = "tf32" if ON_GPU else torch.float32
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
+if ON_GPU:
+    DTYPES.append(pytest.param(torch.bfloat16, id="bf16"))
+
+
+def tolerance(dtype):
+    return FP32_TOL if dtype == torch.float32 else dtype
+
+
+# -- the symmetric Gram kernel ------------------------------------------------------------------
+
+GRAM_SHAPES = [
+    pytest.param((1, 1, 1), id="1x1"),
+    pytest.param((1, 17, 33), id="17x33"),
+    pytest.param((2, 70, 130), id="batch2-70x130"),
+    pytest.param((1, 130, 50), id="130x50-three-tiles"),
+    pytest.param((3, 64, 64), id="batch3-64x64-one-tile"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAM_SHAPES)
+def test_sym_gram_matches_full_product(shape, dtype):
+    X = torch.randn(*shape, device=DEVICE, dtype=dtype)
+    out = poison_(torch.empty(shape[0], shape[1], shape[1], device=DEVICE, dtype=dtype))
+    with use_backend(BACKEND):
+        triton_ops.sym_gram(X, out=out)
+    expected = X.double() @ X.double().mT
+    # The output was poisoned: the mirrored tiles below the diagonal must all have been written.
+    assert_close(out, expected, dtype=tolerance(dtype), name="X·Xᵀ")
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GRAM_SHAPES[1:4])
+def test_sym_gram_polynomial_step(shape, dtype):
+    """B = b·A + c·A·A for symmetric A, as the second product of a Newton–Schulz step runs it."""
+    X = torch.randn(*shape, device=DEVICE, dtype=torch.float32)
+    A = (X @ X.mT / shape[2]).to(dtype)
+    out = poison_(torch.empty_like(A))
+    b, c = -4.775, 2.0315
+    with use_backend(BACKEND):
+        triton_ops.sym_gram(A, alpha=c, C=A, beta=b, out=out)
+    A64 = A.double()
+    assert_close(out, b * A64 + c * (A64 @ A64), dtype=tolerance(dtype), name="b·A + c·A·A")
+
+
+# -- Newton–Schulz --------------------------------------------------------------------------------
+
+NS_SHAPES = [
+    pytest.param((40, 90), id="wide-40x90"),
+    pytest.param((90, 40), id="tall-90x40"),
+    pytest.param((33, 33), id="square-33"),
+    pytest.param((3, 2, 24, 70), id="batched-3x2-24x70"),
+    pytest.param((1, 130), id="one-row"),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("coefficients", ["jordan", "polar_express", [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]],
+                         ids=["jordan", "polar-express", "custom-list"])
+@pytest.mark.parametrize("shape", NS_SHAPES)
+def test_newton_schulz_kernel_path_matches_reference(shape, coefficients):
+    G = torch.randn(*shape, device=DEVICE)
+    before = G.clone()
+    with use_backend(BACKEND):
+        out = newton_schulz(G, coefficients=coefficients, dtype=torch.float32)
+    expected = reference.newton_schulz(G.cpu().double(), coefficients=coefficients, dtype=torch.float64)
+    assert out.shape == G.shape and out.dtype == G.dtype
+    assert_close(out, expected, tol=2e-4 if ON_GPU else 1e-5, name="newton_schulz")
+    assert torch.equal(G, before), "the input must not be modified"
+
+
+@pytest.mark.interpreter
+def test_newton_schulz_fp16_iteration():
+    G = torch.randn(2, 48, 80, device=DEVICE)
+    with use_backend(BACKEND):
+        out = newton_schulz(G, dtype=torch.float16)
+    expected = reference.newton_schulz(G.cpu().double(), dtype=torch.float64)
+    assert_close(out, expected, tol=1e-2, name="newton_schulz fp16")
+
+
+def test_reference_orthogonalises():
+    """Five Jordan steps leave every singular value near 1 (the quintic maps them into about
+    [0.7, 1.2]), so the result is close to the polar factor U·Vᵀ."""
+    G = torch.randn(64, 160, dtype=torch.float64)
+    out = reference.newton_schulz(G, dtype=torch.float64)
+    singular = torch.linalg.svdvals(out)
+    assert singular.min() > 0.6 and singular.max() < 1.25
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.linalg.matrix_norm(out - U @ Vh) / torch.linalg.matrix_norm(U @ Vh) < 0.3
+
+
+def test_zero_gradient_gives_zero_update():
+    G = torch.zeros(2, 16, 24)
+    for backend in ("torch", BACKEND):
+        with use_backend(backend):
+            out = newton_schulz(G.to(DEVICE))
+        assert torch.isfinite(out).all() and torch.count_nonzero(out) == 0, backend
+
+
+def test_cpu_default_is_the_reference():
+    G = torch.randn(20, 30)
+    assert torch.equal(newton_schulz(G), reference.newton_schulz(G))
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    pytest.param(dict(G=torch.randn(5)), ValueError, r"\(\.\.\., m, n\)", id="1d"),
+    pytest.param(dict(G=torch.ones(4, 4, dtype=torch.int32)), TypeError, "floating-point", id="int"),
+    pytest.param(dict(G=[[1.0]]), TypeError, "torch.Tensor", id="list"),
+    pytest.param(dict(G=torch.randn(4, 4), steps=0), ValueError, "steps", id="steps-0"),
+    pytest.param(dict(G=torch.randn(4, 4), coefficients="newton"), ValueError, "coefficients", id="bad-name"),
+    pytest.param(dict(G=torch.randn(4, 4), coefficients=[(1.0, 2.0)]), ValueError, "coefficients", id="pair"),
+    pytest.param(dict(G=torch.randn(4, 4), dtype=torch.float64), ValueError, "dtype", id="float64-iteration"),
+    pytest.param(dict(G=torch.randn(4, 4), eps=-1.0), ValueError, "eps", id="negative-eps"),
+])
+def test_bad_arguments_raise(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        newton_schulz(**kwargs)
+
+
+def test_polar_express_repeats_its_last_tuple():
+    table, scale = reference.resolve_coefficients("polar_express", 7)
+    assert table[:5] == list(reference.POLAR_EXPRESS) and table[5] == table[6] == reference.POLAR_EXPRESS[-1]
+    assert scale == 1.0 + reference.POLAR_EXPRESS_SAFETY
+
+
+# -- sm_90a ---------------------------------------------------------------------------------------
+
+SIGNATURE = {
+    "X": "*bf16", "C": "*bf16", "Out": "*bf16", "tile_rows": "*i32", "tile_cols": "*i32", "M": "i32", "K": "i32",
+    "stride_xb": "i64", "stride_xm": "i32", "stride_xk": "i32",
+    "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "i32",
+    "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
+    "alpha": "fp32", "beta": "fp32",
+}
+
+
+@pytest.mark.parametrize("has_c", [False, True], ids=["gram", "polynomial"])
+@pytest.mark.parametrize("config", triton_ops.CONFIGS, ids=lambda c: f"block{c.block}-w{c.num_warps}")
+def test_every_config_compiles_for_sm90(config, has_c):
+    report = compile_for_sm90(
+        triton_ops.sym_gram_kernel, SIGNATURE,
+        {"HAS_C": has_c, "BLOCK": config.block, "BLOCK_K": config.block_k},
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    assert_compiles_clean(report, expect_wgmma=True)
