@@ -1,0 +1,86 @@
+"""Newton–Schulz (5 steps) for Muon: `glm5v_kernels.newton_schulz` (symmetric Triton Gram kernel)
+against the plain-torch reference in the same dtype, that reference under torch.compile, and
+torch.optim.Muon's step on one matrix.
+
+FLOPs are counted as 5·(4m²n + 2m³) for m ≤ n (the full products); the symmetric kernels skip up
+to a third of them: `theoretical_symmetric_speedup` = (4m²n + 2m³) / (3m²n + m³) is recorded
+beside each result, to set the measured speedup over the reference against. Targets, recorded
+on a GPU: >= 1.35x over the torch reference at 4096² and 8192², never slower at any size. On a
+CPU only a small case runs, on the torch path (the CPU path is the reference, so it is timed
+against itself; bf16 products on these CPUs are ~60x slower than fp32).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from benchlib import cuda_synchronized, providers, record
+
+from glm5v_kernels import newton_schulz
+from glm5v_kernels.ops.muon import reference
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+STEPS = 5
+
+SHAPES = {
+    "1024x1024": (1024, 1024),
+    "4096x4096": (4096, 4096),
+    "4096x11008": (4096, 11008),
+    "8192x8192": (8192, 8192),
+    "64x512x512": (64, 512, 512),
+}
+CPU_SHAPES = {"256x384": (256, 384)}
+TARGETS = {"4096x4096": 1.35, "8192x8192": 1.35}
+
+
+def ns_flops(shape) -> tuple[int, float]:
+    """(FLOPs of 5 full-product steps, theoretical symmetric speedup)."""
+    *batch, rows, cols = shape
+    m, n = min(rows, cols), max(rows, cols)
+    count = 1
+    for b in batch:
+        count *= b
+    full, symmetric = 4 * m * m * n + 2 * m**3, 3 * m * m * n + m**3
+    return STEPS * full * count, full / symmetric
+
+
+def make_fn(provider: str, G: torch.Tensor):
+    if provider == "glm5v":
+        return lambda: newton_schulz(G, steps=STEPS, dtype=DTYPE)
+    if provider == "torch-reference":
+        return lambda: reference.newton_schulz(G, steps=STEPS, dtype=DTYPE)
+    if provider == "torch-compile":
+        compiled = torch.compile(reference.newton_schulz)
+        return lambda: compiled(G, steps=STEPS, dtype=DTYPE)
+    if provider == "torch-optim-muon":
+        if G.ndim != 2:
+            pytest.skip("torch.optim.Muon takes 2-D parameters only")
+        param = torch.nn.Parameter(torch.zeros_like(G))
+        optimizer = torch.optim.Muon([param], lr=0.02, ns_steps=STEPS)
+
+        def step():
+            param.grad = G
+            optimizer.step()
+        return step
+    raise ValueError(provider)
+
+
+@pytest.mark.parametrize("shape_name", list(SHAPES) if ON_GPU else list(CPU_SHAPES))
+@pytest.mark.parametrize("provider", providers("glm5v", "torch-reference", "torch-compile", "torch-optim-muon",
+                                               gpu_only=("torch-compile", "torch-optim-muon")))
+def test_newton_schulz(benchmark, provider, shape_name):
+    shape = (SHAPES if ON_GPU else CPU_SHAPES)[shape_name]
+    G = torch.randn(*shape, device=DEVICE)
+    fn = make_fn(provider, G)
+    if provider == "glm5v":  # same function as the reference, to the iteration dtype's precision
+        expected = reference.newton_schulz(G, steps=STEPS, dtype=torch.float32)
+        error = torch.linalg.vector_norm(fn().float() - expected) / torch.linalg.vector_norm(expected)
+        assert error < (3e-2 if DTYPE == torch.bfloat16 else 1e-4), error
+    benchmark(cuda_synchronized(fn))
+    flops, symmetric_speedup = ns_flops(shape)
+    record(benchmark, group=f"muon-ns/{shape_name}/{str(DTYPE).removeprefix('torch.')}", provider=provider,
+                    ours=provider == "glm5v", flops=flops, dtype=DTYPE, theoretical_symmetric_speedup=symmetric_speedup,
+                    backend="triton" if ON_GPU else "torch (CPU: the reference path)",
+                    target_ratio=TARGETS.get(shape_name) if provider == "glm5v" else None)
