@@ -37,6 +37,13 @@ def adjusted_lr(lr: float, rows: int, cols: int, adjust_lr: str | None) -> float
 class Muon(torch.optim.Optimizer):
     """Muon for groups with ``use_muon=True``, AdamW for the others.
 
+    Distributed: FSDP2 parameters (DTensors sharded on dim 0 of a 1-D mesh) are handled as they
+    come: each parameter's update is gathered to one owner rank (round-robin), orthogonalised
+    there with the other same-shape updates it owns in one batched call, and its rows scattered
+    back. Replicated parameters (DDP) orthogonalise everything on every rank unless
+    `replicated_group` names their process group: then each rank orthogonalises a round-robin
+    share and broadcasts it. Either way the result equals single-process Muon.
+
     State: ``momentum_buffer`` for Muon parameters (as in torch.optim.Muon); ``step``,
     ``exp_avg``, ``exp_avg_sq`` for AdamW parameters (as in torch.optim.AdamW).
     """
@@ -44,7 +51,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True,
                  weight_decay: float = 0.0, ns_steps: int = 5, ns_coefficients="jordan",
                  ns_dtype: torch.dtype | None = None, adjust_lr: str | None = "original", eps: float = 1e-7,
-                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8):
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-8, replicated_group=None):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
@@ -59,6 +66,7 @@ class Muon(torch.optim.Optimizer):
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, adjust_lr=adjust_lr, eps=eps,
                         adamw_betas=adamw_betas, adamw_eps=adamw_eps, use_muon=False, split_sizes=None)
         super().__init__(params, defaults)
+        self.replicated_group = replicated_group
         if not any(group["use_muon"] for group in self.param_groups):
             raise ValueError("no parameter group has use_muon=True, so Muon would run AdamW only; build the groups "
                              "with glm5v_kernels.optim.muon_param_groups(model)")
@@ -97,30 +105,13 @@ class Muon(torch.optim.Optimizer):
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - group["momentum"])
             updates.append(p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf)
-        # Orthogonalise block by block, same-shape blocks stacked into one batched call.
-        blocks = [(i, block) for i, update in enumerate(updates)
-                  for block in _blocks(update, group["split_sizes"])]
-        by_shape = defaultdict(list)
-        for j, (_, block) in enumerate(blocks):
-            by_shape[(block.shape, block.dtype, block.device)].append(j)
-        orthogonal: list[torch.Tensor | None] = [None] * len(blocks)
-        for indices in by_shape.values():
-            stacked = torch.stack([blocks[j][1] for j in indices])
-            result = newton_schulz(stacked, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                                   eps=group["eps"], dtype=group["ns_dtype"])
-            for j, r in zip(indices, result.unbind(0)):
-                orthogonal[j] = r
-        per_param = defaultdict(list)
-        for (i, _), r in zip(blocks, orthogonal):
-            per_param[i].append(r)
+        layout = _Layout.of(params, self.replicated_group)
+        gathered = {i: layout.gather(i, u) for i, u in enumerate(updates)}
+        deltas = _scaled_directions({i: u for i, u in gathered.items() if u is not None}, group)
         for i, p in enumerate(params):
+            delta = layout.distribute(i, deltas.get(i), updates[i])
             p.mul_(1 - group["lr"] * group["weight_decay"])
-            rows = 0
-            for r in per_param[i]:
-                lr = adjusted_lr(group["lr"], r.shape[-2], r.shape[-1], group["adjust_lr"])
-                target = p.narrow(0, rows, r.shape[-2]) if group["split_sizes"] else p
-                target.add_(r.reshape(target.shape).to(p.dtype), alpha=-lr)
-                rows += r.shape[-2]
+            _local(p).sub_(delta.to(p.dtype))
 
     def _adamw_group(self, group) -> None:
         beta1, beta2 = group["adamw_betas"]
@@ -139,6 +130,129 @@ class Muon(torch.optim.Optimizer):
             p.mul_(1 - group["lr"] * group["weight_decay"])
             denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["adamw_eps"])
             p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+
+
+def _scaled_directions(updates: dict[int, torch.Tensor], group) -> dict[int, torch.Tensor]:
+    """Full updates -> lr-scaled orthogonal directions of the same shapes; blocks of one shape
+    across all updates go through Newton–Schulz in one batched call."""
+    blocks = [(i, block) for i, update in updates.items() for block in _blocks(update, group["split_sizes"])]
+    by_shape = defaultdict(list)
+    for j, (_, block) in enumerate(blocks):
+        by_shape[(block.shape, block.dtype, block.device)].append(j)
+    orthogonal: list[torch.Tensor | None] = [None] * len(blocks)
+    for indices in by_shape.values():
+        result = newton_schulz(torch.stack([blocks[j][1] for j in indices]), steps=group["ns_steps"],
+                               coefficients=group["ns_coefficients"], eps=group["eps"], dtype=group["ns_dtype"])
+        for j, r in zip(indices, result.unbind(0)):
+            orthogonal[j] = r * adjusted_lr(group["lr"], r.shape[-2], r.shape[-1], group["adjust_lr"])
+    per_update = defaultdict(list)
+    for (i, _), r in zip(blocks, orthogonal):
+        per_update[i].append(r.reshape(r.shape[0], -1) if group["split_sizes"] else r)
+    return {i: torch.cat(parts).reshape(updates[i].shape) for i, parts in per_update.items()}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor)
+
+
+class _Layout:
+    """Where each parameter's full update lives and how its direction gets back.
+
+    local: one process, or replicated parameters without a process group: everything is local.
+    replicated: identical parameters on every rank of a group (DDP); parameter i is
+        orthogonalised by rank i % world and broadcast from it.
+    sharded: FSDP2 DTensors sharded on dim 0 over a 1-D mesh; parameter i's row shards are
+        gathered to rank i % world, orthogonalised there and its rows scattered back.
+    """
+
+    def __init__(self, kind: str, group=None):
+        import torch.distributed as dist
+
+        self.kind, self.group = kind, group
+        self.world = dist.get_world_size(group) if kind != "local" else 1
+        self.rank = dist.get_rank(group) if kind != "local" else 0
+
+    @classmethod
+    def of(cls, params, replicated_group) -> _Layout:
+        sharded = [_is_dtensor(p) for p in params]
+        if any(sharded):
+            if not all(sharded):
+                raise ValueError("a Muon group mixes DTensor (FSDP2) and plain parameters; keep them in separate "
+                                 "groups")
+            meshes = {id(p.device_mesh) for p in params}
+            for p in params:
+                from torch.distributed.tensor import Shard
+
+                if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+                    raise ValueError(f"Muon supports DTensor parameters sharded on dim 0 of a 1-D mesh (FSDP2), got "
+                                     f"placements {p.placements} on a {p.device_mesh.ndim}-D mesh")
+            if len(meshes) != 1:
+                raise ValueError("the DTensor parameters of a Muon group must share one device mesh")
+            return cls("sharded", params[0].device_mesh.get_group())
+        if replicated_group is not None:
+            return cls("replicated", replicated_group)
+        return cls("local")
+
+    def owns(self, i: int) -> bool:
+        return i % self.world == self.rank
+
+    def _owner(self, i: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, i % self.world)
+
+    def _row_chunks(self, rows: int) -> tuple[int, list[tuple[int, int]]]:
+        """Padded chunk length and the (start, end) rows of every rank, as Shard(0) splits them."""
+        chunk = -(-rows // self.world)
+        return chunk, [(min(r * chunk, rows), min((r + 1) * chunk, rows)) for r in range(self.world)]
+
+    def gather(self, i: int, update: torch.Tensor) -> torch.Tensor | None:
+        """Parameter i's full update on its owner, None elsewhere (every rank calls it)."""
+        if self.kind != "sharded":
+            return update if self.owns(i) else None
+        import torch.distributed as dist
+
+        chunk, spans = self._row_chunks(update.shape[0])
+        padded = _pad_rows(update.to_local(), chunk)
+        pieces = [torch.empty_like(padded) for _ in range(self.world)] if self.owns(i) else None
+        dist.gather(padded, pieces, dst=self._owner(i), group=self.group)
+        if pieces is None:
+            return None
+        return torch.cat([piece[: end - start] for piece, (start, end) in zip(pieces, spans)])
+
+    def distribute(self, i: int, delta: torch.Tensor | None, update: torch.Tensor) -> torch.Tensor:
+        """This rank's part of parameter i's direction."""
+        if self.kind == "local":
+            return delta
+        import torch.distributed as dist
+
+        if self.kind == "replicated":
+            if delta is None:
+                delta = torch.empty_like(update)
+            dist.broadcast(delta, src=self._owner(i), group=self.group)
+            return delta
+        local = update.to_local()
+        chunk, spans = self._row_chunks(update.shape[0])
+        received = local.new_empty((chunk, *local.shape[1:]))
+        pieces = None
+        if self.owns(i):
+            pieces = [_pad_rows(delta[start:end], chunk) for start, end in spans]
+        dist.scatter(received, pieces, src=self._owner(i), group=self.group)
+        return received[: local.shape[0]]
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
 def _blocks(update: torch.Tensor, split_sizes: Sequence[int] | None) -> list[torch.Tensor]:
