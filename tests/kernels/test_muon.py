@@ -141,6 +141,12 @@ def test_bad_arguments_raise(kwargs, error, match):
         newton_schulz(**kwargs)
 
 
+@pytest.mark.skipif(ON_GPU, reason="the interpreter runs only where there is no GPU")
+def test_bf16_under_the_interpreter_is_refused():
+    with use_backend("interpret"), pytest.raises(ValueError, match="interpreter"):
+        newton_schulz(torch.randn(8, 8), dtype=torch.bfloat16)
+
+
 def test_polar_express_repeats_its_last_tuple():
     table, scale = reference.resolve_coefficients("polar_express", 7)
     assert table[:5] == list(reference.POLAR_EXPRESS) and table[5] == table[6] == reference.POLAR_EXPRESS[-1]

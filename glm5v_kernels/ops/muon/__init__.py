@@ -42,6 +42,9 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", eps: f
         return reference.newton_schulz(G, steps, coefficients, eps, dtype)
     from glm5v_kernels.ops.muon.op import newton_schulz_triton
 
+    if backend == "interpret" and dtype == torch.bfloat16:
+        raise ValueError("dtype=torch.bfloat16 cannot run under the Triton interpreter (its bf16 dots are wrong); "
+                         "use float32 or float16 there")
     default = torch.bfloat16 if backend == "triton" else torch.float32
     return newton_schulz_triton(G, steps, coefficients, eps, dtype or default)
 
