@@ -15,6 +15,7 @@
 #endif
 
 #include "naflex.h"
+#include "partition.h"
 #include "parallel.h"
 
 namespace py = pybind11;
@@ -119,10 +120,57 @@ void naflex_pack(const py::list& images, const py::array& targets, const py::arr
                num_threads > 0 ? num_threads : default_num_threads());
 }
 
+const double* optional_vector(const py::object& value, py::ssize_t length, const char* name) {
+  if (value.is_none()) return nullptr;
+  const py::array array = py::reinterpret_borrow<py::array>(value);
+  require_array<double>(array, name, {length}, false);
+  return static_cast<const double*>(array.data());
+}
+
+py::array_t<int32_t> balanced_partition(const py::array& costs, int64_t k, const py::object& weights,
+                                        const py::object& caps, bool equal_size, const py::object& groups,
+                                        const std::string& method) {
+  require_array<double>(costs, "costs", {-1, -1}, false);
+  const auto n = costs.shape(0), m = costs.shape(1);
+  require(k >= 1, "k must be >= 1");
+  partition::Problem problem{static_cast<const double*>(costs.data()), n, m, k,
+                             optional_vector(weights, m, "weights"), optional_vector(caps, m, "caps"), equal_size,
+                             nullptr};
+  if (!groups.is_none()) {
+    const py::array array = py::reinterpret_borrow<py::array>(groups);
+    require_array<int64_t>(array, "groups", {n}, false);
+    problem.groups = static_cast<const int64_t*>(array.data());
+  }
+  const partition::Method parsed = partition::parse_method(method);
+  std::vector<int32_t> parts;
+  {
+    py::gil_scoped_release release;
+    parts = partition::balanced_partition(problem, parsed);
+  }
+  py::array_t<int32_t> out(n);
+  std::copy(parts.begin(), parts.end(), out.mutable_data());
+  return out;
+}
+
+py::array_t<int64_t> partition_contiguous(const py::array& costs, int64_t k) {
+  require_array<double>(costs, "costs", {-1}, false);
+  require(k >= 1, "k must be >= 1");
+  const std::vector<int64_t> bounds =
+      partition::partition_contiguous(static_cast<const double*>(costs.data()), costs.shape(0), k);
+  py::array_t<int64_t> out(static_cast<py::ssize_t>(bounds.size()));
+  std::copy(bounds.begin(), bounds.end(), out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_host, m) {
-  m.doc() = "glm5v host kernels (C++): NaFlex resize + normalise + patchify + pack";
+  m.doc() = "glm5v host kernels (C++): NaFlex packing, multi-key balanced partitioning";
+  m.def("balanced_partition", &balanced_partition, py::arg("costs"), py::arg("k"), py::arg("weights"),
+        py::arg("caps"), py::arg("equal_size"), py::arg("groups"), py::arg("method"),
+        "(n, m) float64 costs -> (n,) int32 part of every sample.");
+  m.def("partition_contiguous", &partition_contiguous, py::arg("costs"), py::arg("k"),
+        "(n,) float64 costs -> (k + 1,) int64 boundaries of k contiguous ranges minimising the largest sum.");
   m.def("default_num_threads", &default_num_threads, "Threads used when num_threads <= 0.");
   m.def(
       "naflex_kernel",

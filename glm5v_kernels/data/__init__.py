@@ -1,5 +1,15 @@
-"""Data-pipeline kernels: NaFlex image preprocessing and packing (C++ host code)."""
+"""Data-pipeline kernels (C++ host code): NaFlex image preprocessing and packing, multi-key
+balancing of samples over ranks and micro-batches."""
 
 from glm5v_kernels.data.naflex import NaFlexProcessor, PackedImages, pack_images
+from glm5v_kernels.data.partition import (
+    Partition,
+    TransformerDims,
+    balanced_partition,
+    partition_frames,
+    plan_microbatches,
+    vlm_sample_costs,
+)
 
-__all__ = ["NaFlexProcessor", "PackedImages", "pack_images"]
+__all__ = ["NaFlexProcessor", "PackedImages", "pack_images", "Partition", "TransformerDims", "balanced_partition",
+           "partition_frames", "plan_microbatches", "vlm_sample_costs"]
