@@ -672,6 +672,17 @@ def compile_cuda_for_sm90(
 # checks
 
 
+def _resource_problems(prefix: str, resources, max_shared: int) -> list[str]:
+    """Spills and shared memory over the limit, for a kernel's ptxas resources."""
+    problems = []
+    if resources.spill_stores or resources.spill_loads:
+        problems.append(f"{prefix}register spills: {resources.spill_stores} bytes stores / {resources.spill_loads} "
+                        f"bytes loads ({resources.registers} registers, {resources.stack_frame} bytes stack frame)")
+    if resources.shared_bytes > max_shared:
+        problems.append(f"{prefix}shared memory {resources.shared_bytes} bytes > limit {max_shared} bytes")
+    return problems
+
+
 def assert_compiles_clean(
     report: CompileReport | CudaCompileReport,
     *,
@@ -688,23 +699,11 @@ def assert_compiles_clean(
         if not report.kernels:
             problems.append("ptxas reported no functions (is anything __global__ defined?)")
         for k in report.kernels.values():
-            if k.spill_stores or k.spill_loads:
-                problems.append(
-                    f"{k.name}: spills {k.spill_stores} bytes stores / {k.spill_loads} bytes loads "
-                    f"({k.registers} registers, {k.stack_frame} bytes stack frame)"
-                )
-            if k.shared_bytes > max_shared:
-                problems.append(f"{k.name}: static shared memory {k.shared_bytes} bytes > limit {max_shared}")
+            problems += _resource_problems(f"{k.name}: ", k, max_shared)
         log = report.log
     else:
         title = f"{report.name}[{report.config}]" if report.config else report.name
-        if report.spill_stores or report.spill_loads:
-            problems.append(
-                f"register spills: {report.spill_stores} bytes stores / {report.spill_loads} bytes loads "
-                f"({report.registers} registers, {report.stack_frame} bytes stack frame)"
-            )
-        if report.shared_bytes > max_shared:
-            problems.append(f"shared memory {report.shared_bytes} bytes > limit {max_shared} bytes")
+        problems += _resource_problems("", report, max_shared)
         if expect_wgmma and not report.has_wgmma:
             problems.append(
                 "no wgmma instruction in the PTX (the dots did not lower to Hopper tensor-core MMA)"
