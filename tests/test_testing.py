@@ -212,7 +212,7 @@ def test_assert_compiles_clean_on_cuda_report() -> None:
     spilling = KernelResources(
         "k", registers=255, spill_stores=16, spill_loads=16, stack_frame=16, shared_bytes=0
     )
-    with pytest.raises(AssertionError, match="k: spills 16 bytes"):
+    with pytest.raises(AssertionError, match="k: register spills: 16 bytes"):
         assert_compiles_clean(CudaCompileReport(source="x.cu", arch="sm_90a", kernels={"k": spilling}))
 
 
