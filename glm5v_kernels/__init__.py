@@ -1,11 +1,12 @@
 """glm5v_kernels: fused kernels for training native multimodal models, usable from any trainer.
 
 The functional API of every kernel family is exported here; `glm5v_kernels.data` holds the
-data-pipeline kernels (NaFlex packing). Nothing here imports the `glm5v` trainer layer.
+data-pipeline kernels (NaFlex packing, balancing), `glm5v_kernels.optim` Muon, and
+`glm5v_kernels.memory` the recompute policies. Nothing here imports the `glm5v` trainer layer.
 """
 
-from glm5v_kernels import data
+from glm5v_kernels import data, memory, optim
 from glm5v_kernels.ops.muon import newton_schulz
 
 __version__ = "0.1.0"
-__all__ = ["data", "newton_schulz"]
+__all__ = ["data", "memory", "optim", "newton_schulz"]
