@@ -73,13 +73,15 @@ py::array_t<int64_t> naflex_target_sizes(const py::array& sizes, int64_t patch_s
 }
 
 void naflex_pack(const py::list& images, const py::array& targets, const py::array& cu_seqlens,
-                 const py::array& lut, int64_t patch_size, const std::string& resample, py::array& patches,
+                 const py::array& mean, const py::array& std, int64_t patch_size, const std::string& resample,
+                 py::array& patches,
                  py::array& position_ids, int num_threads) {
   const auto n = static_cast<py::ssize_t>(images.size());
   require(patch_size >= 1, "patch_size must be >= 1");
   require_array<int64_t>(targets, "targets", {n, 2}, false);
   require_array<int32_t>(cu_seqlens, "cu_seqlens", {n + 1}, false);
-  require_array<float>(lut, "lut", {3, 256}, false);
+  require_array<float>(mean, "mean", {3}, false);
+  require_array<float>(std, "std", {3}, false);
   const naflex::Filter filter = naflex::parse_filter(resample);
 
   const int64_t* target_data = static_cast<const int64_t*>(targets.data());
@@ -108,7 +110,6 @@ void naflex_pack(const py::list& images, const py::array& targets, const py::arr
   const py::ssize_t total = cu[n];
   require_array<float>(patches, "patches", {total, patch_size * patch_size * 3}, true);
   require_array<int32_t>(position_ids, "position_ids", {total, 2}, true);
-  const float* lut_data = static_cast<const float*>(lut.data());
   float* patch_data = static_cast<float*>(patches.mutable_data());
   int32_t* id_data = static_cast<int32_t*>(position_ids.mutable_data());
 
@@ -116,7 +117,8 @@ void naflex_pack(const py::list& images, const py::array& targets, const py::arr
 
   // The list keeps every image alive; nothing below touches Python objects.
   py::gil_scoped_release release;
-  naflex::pack(views, sizes, cu, lut_data, patch_size, filter, patch_data, id_data,
+  naflex::pack(views, sizes, cu, static_cast<const float*>(mean.data()), static_cast<const float*>(std.data()),
+               patch_size, filter, patch_data, id_data,
                num_threads > 0 ? num_threads : default_num_threads());
 }
 
@@ -186,7 +188,7 @@ PYBIND11_MODULE(_host, m) {
         py::arg("merge_size"), py::arg("max_num_patches"),
         "(n, 2) int64 (height, width) -> (n, 2) int64 resized (height, width) fitting the patch budget.");
   m.def("naflex_pack", &naflex_pack, py::arg("images"), py::arg("targets"), py::arg("cu_seqlens"),
-        py::arg("lut"), py::arg("patch_size"), py::arg("resample"), py::arg("patches"), py::arg("position_ids"),
+        py::arg("mean"), py::arg("std"), py::arg("patch_size"), py::arg("resample"), py::arg("patches"), py::arg("position_ids"),
         py::arg("num_threads"),
         "Resizes, normalises and patchifies uint8 (H, W, C) images into preallocated packed buffers.");
 }

@@ -44,12 +44,13 @@ struct Coefficients {
 
 Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter);
 
-// Resizes images[i] to targets[i], normalises every value through lut[c * 256 + value] and writes
+// Resizes images[i] to targets[i], normalises every value v of channel c to
+// (float32(v / 255) - mean[c]) / std[c] in float32 (the HF processor's steps) and writes
 // patch rows of patch_size * patch_size * 3 floats, laid out (row, col, channel) within a patch and
 // patches in row-major order, from patch index cu_seqlens[i]. position_ids receives (row, col)
 // of every patch. Work is split into bands of patch rows shared by num_threads threads.
 void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets,
-          const int32_t* cu_seqlens, const float* lut, int64_t patch_size, Filter filter,
+          const int32_t* cu_seqlens, const float* mean, const float* std, int64_t patch_size, Filter filter,
           float* patches, int32_t* position_ids, int num_threads);
 
 // The horizontal pass has vectorised kernels ("avx512", "avx2") and a portable one ("scalar"),

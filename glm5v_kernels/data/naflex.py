@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from glm5v_kernels._backend import host_module
-from glm5v_kernels.data.reference import normalization_table
 
 RESAMPLE_FILTERS = ("box", "bilinear", "bicubic", "lanczos")
 
@@ -166,8 +165,8 @@ def pack_images(images: Sequence, processor: NaFlexProcessor, *, num_threads: in
     total = int(cu_seqlens[-1])
     patches = torch.empty(total, processor.patch_dim, dtype=torch.float32, pin_memory=pin_memory)
     position_ids = torch.empty(total, 2, dtype=torch.int32, pin_memory=pin_memory)
-    lut = normalization_table(processor.image_mean, processor.image_std)
-    host.naflex_pack(arrays, targets, cu_seqlens, lut, processor.patch_size, processor.resample,
+    host.naflex_pack(arrays, targets, cu_seqlens, np.asarray(processor.image_mean, dtype=np.float32),
+                     np.asarray(processor.image_std, dtype=np.float32), processor.patch_size, processor.resample,
                      patches.numpy(), position_ids.numpy(), num_threads or 0)
     return PackedImages(
         patches=patches,

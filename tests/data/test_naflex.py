@@ -158,8 +158,8 @@ def test_host_kernel_writes_every_element():
     total = int(expected[1][-1])
     patches = poison_(torch.empty(total, processor.patch_dim))
     position_ids = poison_(torch.empty(total, 2, dtype=torch.int32))
-    lut = R.normalization_table(processor.image_mean, processor.image_std)
-    host_module().naflex_pack(images, targets, expected[1], lut, 16, "bilinear", patches.numpy(),
+    mean, std = (np.asarray(v, dtype=np.float32) for v in (processor.image_mean, processor.image_std))
+    host_module().naflex_pack(images, targets, expected[1], mean, std, 16, "bilinear", patches.numpy(),
                               position_ids.numpy(), 2)
     np.testing.assert_array_equal(patches.numpy(), expected[0])
     np.testing.assert_array_equal(position_ids.numpy(), expected[3])
