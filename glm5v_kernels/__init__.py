@@ -6,7 +6,9 @@ data-pipeline kernels (NaFlex packing, balancing), `glm5v_kernels.optim` Muon, a
 """
 
 from glm5v_kernels import data, memory, optim
+from glm5v_kernels.ops.mtp import embed_with_placeholder, fused_linear_cross_entropy, merge_visual_embeddings, mtp_roll
 from glm5v_kernels.ops.muon import newton_schulz
 
 __version__ = "0.1.0"
-__all__ = ["data", "memory", "optim", "newton_schulz"]
+__all__ = ["data", "memory", "optim", "newton_schulz",
+           "fused_linear_cross_entropy", "embed_with_placeholder", "merge_visual_embeddings", "mtp_roll"]

@@ -1,3 +1,5 @@
 """nn.Modules that hold parameters and call the functional API of `glm5v_kernels`."""
 
-__all__: list[str] = []
+from glm5v_kernels.nn.mmtp import MMTPHead, MMTPOutput
+
+__all__: list[str] = ["MMTPHead", "MMTPOutput"]
