@@ -1,0 +1,557 @@
+"""Triton kernels of the attention family and their launchers (no autograd here).
+
+Two kernel groups:
+
+- the q/k transform: per-head RMSNorm or LayerNorm, then rotary, in one pass over a (T, H, D)
+  tensor (forward), and its backward with the norm-weight gradients reduced per block (no
+  atomics, so deterministic);
+- block-diagonal flash attention over packed sequences: forward (online softmax in base 2,
+  natural-log lse out), and an atomic-free backward (one kernel owns a key block and loops over
+  the query blocks and the query heads of its group for dk and dv, one owns a query block for dq),
+  so gradients are bit-identical run to run.
+
+Head dims are split into two power-of-two chunks (64 + 16 for 80, 64 + 32 for 96, 64 + 16 masked
+for 72): every dot is issued per chunk, so a head dim is padded to the next multiple of 16 rather
+than to the next power of two.
+
+Programs are scheduled from a work list of (sequence, block start) pairs (`varlen_plan`), or,
+without one, on a (max_seqlen blocks, heads, sequences) grid whose empty programs exit at once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)
+NORM_KINDS = {None: 0, "rms": 1, "layer": 2}
+
+
+# -- the q/k transform: norm then rotary --------------------------------------------------------------
+
+
+@triton.jit
+def _rotary_columns(cols, rot_half, INTERLEAVED: tl.constexpr):
+    """Per channel: its rotary partner, the table column of its pair, the sign of the partner term
+    (y = x·cos + sign·x_partner·sin) and whether it is rotated at all."""
+    rotated = cols < 2 * rot_half
+    if INTERLEAVED:
+        partner = cols ^ 1
+        table_col = cols // 2
+        sign = tl.where(cols % 2 == 0, -1.0, 1.0)
+    else:
+        first = cols < rot_half
+        partner = tl.where(first, cols + rot_half, cols - rot_half)
+        table_col = tl.where(first, cols, cols - rot_half)
+        sign = tl.where(first, -1.0, 1.0)
+    return tl.where(rotated, partner, cols), tl.where(rotated, table_col, 0), sign, rotated
+
+
+@triton.jit
+def _normalize(x, mean, rstd, w, b, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if NORM == 0:
+        return x
+    u = (x - mean[:, None]) * rstd[:, None]
+    if HAS_WEIGHT:
+        u = u * w[None, :]
+    if HAS_BIAS:
+        u = u + b[None, :]
+    return u
+
+
+@triton.jit
+def qk_transform_fwd_kernel(
+    X, Y, Stats, W, B, Cos, Sin,
+    T, D, rot_half,
+    stride_xt, stride_xh, stride_yt, stride_yh, stride_ct, stride_st,
+    eps,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program (t, h): tokens [t·BLOCK_T, (t+1)·BLOCK_T) of head h. Stats (2, H, T): mean, rstd.
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    x_rows = X + rows.to(tl.int64)[:, None] * stride_xt + h * stride_xh
+    x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    w = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if NORM != 0:
+        if NORM == 2:
+            mean = tl.sum(x, axis=1) / D
+        centred = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+        tl.store(Stats + h * T + rows, mean, mask=row_ok)
+        tl.store(Stats + (num_heads + h) * T + rows, rstd, mask=row_ok)
+        if HAS_WEIGHT:
+            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = _normalize(x, mean, rstd, w, b, NORM, HAS_WEIGHT, HAS_BIAS)
+    if ROTARY:
+        partner, table_col, sign, rotated = _rotary_columns(cols, rot_half, INTERLEAVED)
+        xp = tl.load(x_rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        if NORM != 0:
+            if HAS_WEIGHT:
+                w = tl.load(W + partner, mask=col_ok, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                b = tl.load(B + partner, mask=col_ok, other=0.0).to(tl.float32)
+        yp = _normalize(xp, mean, rstd, w, b, NORM, HAS_WEIGHT, HAS_BIAS)
+        table_mask = row_ok[:, None] & rotated[None, :]
+        c = tl.load(Cos + rows.to(tl.int64)[:, None] * stride_ct + table_col[None, :], mask=table_mask, other=1.0)
+        s = tl.load(Sin + rows.to(tl.int64)[:, None] * stride_st + table_col[None, :], mask=table_mask, other=0.0)
+        y = y * c.to(tl.float32) + sign[None, :] * yp * s.to(tl.float32)
+    y_rows = Y + rows.to(tl.int64)[:, None] * stride_yt + h * stride_yh
+    tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def qk_transform_bwd_kernel(
+    DY, X, DX, Stats, W, Cos, Sin, DW, DB,
+    T, D, rot_half,
+    stride_dyt, stride_dyh, stride_xt, stride_xh, stride_dxt, stride_dxh, stride_ct, stride_st,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Program (t, h) writes dx for its tokens and its partial sums of dweight / dbias into row
+    # (t, h) of DW / DB (num_t_blocks, H, BLOCK_D); the launcher sums the rows in a fixed order.
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < T
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    dy_rows = DY + rows.to(tl.int64)[:, None] * stride_dyt + h * stride_dyh
+    du = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROTARY:
+        # y_j = u_j·c_j + sign_j·u_p(j)·s_j, and p is an involution sharing the table column with j,
+        # so du_j = dy_j·c_j + sign_p(j)·dy_p(j)·s_j = dy_j·c_j − sign_j·dy_p(j)·s_j.
+        partner, table_col, sign, rotated = _rotary_columns(cols, rot_half, INTERLEAVED)
+        dyp = tl.load(dy_rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
+        table_mask = row_ok[:, None] & rotated[None, :]
+        c = tl.load(Cos + rows.to(tl.int64)[:, None] * stride_ct + table_col[None, :], mask=table_mask, other=1.0)
+        s = tl.load(Sin + rows.to(tl.int64)[:, None] * stride_st + table_col[None, :], mask=table_mask, other=0.0)
+        du = du * c.to(tl.float32) - sign[None, :] * dyp * s.to(tl.float32)
+    dx = du
+    if NORM != 0:
+        x = tl.load(X + rows.to(tl.int64)[:, None] * stride_xt + h * stride_xh + cols[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        mean = tl.load(Stats + h * T + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(Stats + (num_heads + h) * T + rows, mask=row_ok, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        partial = (pid_t * num_heads + h) * BLOCK_D + cols
+        g = du
+        if HAS_WEIGHT:
+            tl.store(DW + partial, tl.sum(du * xhat, axis=0))
+            g = du * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            tl.store(DB + partial, tl.sum(du, axis=0))
+        dx = g - xhat * (tl.sum(g * xhat, axis=1) / D)[:, None]
+        if NORM == 2:
+            dx = dx - (tl.sum(g, axis=1) / D)[:, None]
+        dx = dx * rstd[:, None]
+    dx_rows = DX + rows.to(tl.int64)[:, None] * stride_dxt + h * stride_dxh
+    tl.store(dx_rows + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _block_of(cu_seqlens, work, USE_WORK: tl.constexpr, BLOCK: tl.constexpr):
+    """(first token of the sequence, its length, block start within it) of this program."""
+    if USE_WORK:
+        seq = tl.load(work + 2 * tl.program_id(0))
+        block_start = tl.load(work + 2 * tl.program_id(0) + 1)
+    else:
+        seq = tl.program_id(2)
+        block_start = tl.program_id(0) * BLOCK
+    start = tl.load(cu_seqlens + seq)
+    length = tl.load(cu_seqlens + seq + 1) - start
+    return start.to(tl.int64), length, block_start
+
+
+@triton.jit
+def _chunk_pointers(base, row0, length, stride_t, col0, head_dim, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """Pointers to rows [row0, row0 + ROWS) and channels [col0, col0 + WIDTH) of one sequence, and
+    the mask of those inside its (length, head_dim) slice."""
+    rows = row0 + tl.arange(0, ROWS)
+    cols = col0 + tl.arange(0, WIDTH)
+    mask = (rows < length)[:, None] & (cols < head_dim)[None, :]
+    return base + rows[:, None] * stride_t + cols[None, :], mask
+
+
+@triton.jit
+def _load_chunk(base, row0, length, stride_t, col0, head_dim, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    """(ROWS, WIDTH) tile, zero outside the sequence and the head dim."""
+    ptrs, mask = _chunk_pointers(base, row0, length, stride_t, col0, head_dim, ROWS, WIDTH)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_chunk(base, tile, row0, length, stride_t, col0, head_dim, ROWS: tl.constexpr, WIDTH: tl.constexpr):
+    ptrs, mask = _chunk_pointers(base, row0, length, stride_t, col0, head_dim, ROWS, WIDTH)
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, Out, LSE, cu_seqlens, work,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    total_tokens, head_dim, group, qk_scale,
+    CAUSAL: tl.constexpr, USE_WORK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+):
+    # qk_scale = softmax_scale·log2(e): scores live in base 2; lse (H, T) is stored in natural log.
+    start, length, m_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_M)
+    h = tl.program_id(1)
+    if m_start < length:
+        kv_h = h // group
+        rows = m_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        q_base = Q + (start * stride_qt + h * stride_qh)
+        k_base = K + (start * stride_kt + kv_h * stride_kh)
+        v_base = V + (start * stride_vt + kv_h * stride_vh)
+        q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
+        acc_a = tl.zeros((BLOCK_M, DA), dtype=tl.float32)
+        if DB > 0:
+            q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
+            acc_b = tl.zeros((BLOCK_M, DB), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        n_end = length
+        if CAUSAL:
+            n_end = tl.minimum(length, m_start + BLOCK_M)
+        for n_start in range(0, n_end, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < length
+            k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
+            s = tl.dot(q_a, tl.trans(k_a))
+            if DB > 0:
+                k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
+                s = tl.dot(q_b, tl.trans(k_b), s)
+            valid = col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            s = tl.where(valid, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = p.to(V.dtype.element_ty)
+            v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
+            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
+            if DB > 0:
+                v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
+                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+            m_i = m_new
+        o_base = Out + (start * stride_ot + h * stride_oh)
+        _store_chunk(o_base, acc_a / l_i[:, None], m_start, length, stride_ot, 0, head_dim, BLOCK_M, DA)
+        if DB > 0:
+            _store_chunk(o_base, acc_b / l_i[:, None], m_start, length, stride_ot, DA, head_dim, BLOCK_M, DB)
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+        tl.store(LSE + h * total_tokens + start + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def attn_bwd_delta_kernel(
+    Out, DO, Delta, T, head_dim,
+    stride_ot, stride_oh, stride_dot, stride_doh,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # Delta (H, T) = rowsum(dO ∘ O), the softmax-backward correction term.
+    pid_t = tl.program_id(0)
+    h = tl.program_id(1)
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (cols < head_dim)[None, :]
+    o = tl.load(Out + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + rows.to(tl.int64)[:, None] * stride_dot + h * stride_doh + cols[None, :], mask=mask,
+                 other=0.0)
+    tl.store(Delta + h * T + rows, tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1), mask=row_ok)
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV, cu_seqlens, work,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    total_tokens, head_dim, group, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, USE_WORK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+):
+    # Program (key block, kv head): sums over the query blocks of its sequence and over the `group`
+    # query heads that share the kv head, in a fixed order. Tiles are kept transposed (keys × queries).
+    start, length, n_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_N)
+    kv_h = tl.program_id(1)
+    if n_start < length:
+        cols = n_start + tl.arange(0, BLOCK_N)
+        col_ok = cols < length
+        k_base = K + (start * stride_kt + kv_h * stride_kh)
+        v_base = V + (start * stride_vt + kv_h * stride_vh)
+        k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
+        v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
+        dk_a = tl.zeros((BLOCK_N, DA), dtype=tl.float32)
+        dv_a = tl.zeros((BLOCK_N, DA), dtype=tl.float32)
+        if DB > 0:
+            k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
+            v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
+            dk_b = tl.zeros((BLOCK_N, DB), dtype=tl.float32)
+            dv_b = tl.zeros((BLOCK_N, DB), dtype=tl.float32)
+        m_lo = 0
+        if CAUSAL:
+            m_lo = (n_start // BLOCK_M) * BLOCK_M
+        for g in range(0, group):
+            h = kv_h * group + g
+            q_base = Q + (start * stride_qt + h * stride_qh)
+            do_base = DO + (start * stride_dot + h * stride_doh)
+            stats = h * total_tokens + start
+            for m_start in range(m_lo, length, BLOCK_M):
+                rows = m_start + tl.arange(0, BLOCK_M)
+                row_ok = rows < length
+                q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
+                do_a = _load_chunk(do_base, m_start, length, stride_dot, 0, head_dim, BLOCK_M, DA)
+                s_t = tl.dot(k_a, tl.trans(q_a))
+                dp_t = tl.dot(v_a, tl.trans(do_a))
+                if DB > 0:
+                    q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
+                    do_b = _load_chunk(do_base, m_start, length, stride_dot, DA, head_dim, BLOCK_M, DB)
+                    s_t = tl.dot(k_b, tl.trans(q_b), s_t)
+                    dp_t = tl.dot(v_b, tl.trans(do_b), dp_t)
+                lse2 = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+                delta = tl.load(Delta + stats + rows, mask=row_ok, other=0.0)
+                valid = col_ok[:, None] & row_ok[None, :]
+                if CAUSAL:
+                    valid = valid & (cols[:, None] <= rows[None, :])
+                p_t = tl.where(valid, tl.math.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+                ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
+                p_t = p_t.to(DO.dtype.element_ty)
+                dv_a = tl.dot(p_t, do_a, dv_a)
+                dk_a = tl.dot(ds_t, q_a, dk_a)
+                if DB > 0:
+                    dv_b = tl.dot(p_t, do_b, dv_b)
+                    dk_b = tl.dot(ds_t, q_b, dk_b)
+        dk_base = DK + (start * stride_dkt + kv_h * stride_dkh)
+        dv_base = DV + (start * stride_dvt + kv_h * stride_dvh)
+        _store_chunk(dk_base, dk_a * softmax_scale, n_start, length, stride_dkt, 0, head_dim, BLOCK_N, DA)
+        _store_chunk(dv_base, dv_a, n_start, length, stride_dvt, 0, head_dim, BLOCK_N, DA)
+        if DB > 0:
+            _store_chunk(dk_base, dk_b * softmax_scale, n_start, length, stride_dkt, DA, head_dim, BLOCK_N, DB)
+            _store_chunk(dv_base, dv_b, n_start, length, stride_dvt, DA, head_dim, BLOCK_N, DB)
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ, cu_seqlens, work,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    total_tokens, head_dim, group, qk_scale, softmax_scale,
+    CAUSAL: tl.constexpr, USE_WORK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+):
+    # Program (query block, query head): dq = scale · Σ_keys dS·K over its sequence's key blocks.
+    start, length, m_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_M)
+    h = tl.program_id(1)
+    if m_start < length:
+        kv_h = h // group
+        rows = m_start + tl.arange(0, BLOCK_M)
+        row_ok = rows < length
+        q_base = Q + (start * stride_qt + h * stride_qh)
+        do_base = DO + (start * stride_dot + h * stride_doh)
+        k_base = K + (start * stride_kt + kv_h * stride_kh)
+        v_base = V + (start * stride_vt + kv_h * stride_vh)
+        q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
+        do_a = _load_chunk(do_base, m_start, length, stride_dot, 0, head_dim, BLOCK_M, DA)
+        dq_a = tl.zeros((BLOCK_M, DA), dtype=tl.float32)
+        if DB > 0:
+            q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
+            do_b = _load_chunk(do_base, m_start, length, stride_dot, DA, head_dim, BLOCK_M, DB)
+            dq_b = tl.zeros((BLOCK_M, DB), dtype=tl.float32)
+        stats = h * total_tokens + start
+        lse2 = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + stats + rows, mask=row_ok, other=0.0)
+        n_end = length
+        if CAUSAL:
+            n_end = tl.minimum(length, m_start + BLOCK_M)
+        for n_start in range(0, n_end, BLOCK_N):
+            cols = n_start + tl.arange(0, BLOCK_N)
+            col_ok = cols < length
+            k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
+            v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
+            s = tl.dot(q_a, tl.trans(k_a))
+            dp = tl.dot(do_a, tl.trans(v_a))
+            if DB > 0:
+                k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
+                v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
+                s = tl.dot(q_b, tl.trans(k_b), s)
+                dp = tl.dot(do_b, tl.trans(v_b), dp)
+            valid = row_ok[:, None] & col_ok[None, :]
+            if CAUSAL:
+                valid = valid & (cols[None, :] <= rows[:, None])
+            p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
+            ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
+            dq_a = tl.dot(ds, k_a, dq_a)
+            if DB > 0:
+                dq_b = tl.dot(ds, k_b, dq_b)
+        dq_base = DQ + (start * stride_dqt + h * stride_dqh)
+        _store_chunk(dq_base, dq_a * softmax_scale, m_start, length, stride_dqt, 0, head_dim, BLOCK_M, DA)
+        if DB > 0:
+            _store_chunk(dq_base, dq_b * softmax_scale, m_start, length, stride_dqt, DA, head_dim, BLOCK_M, DB)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+
+class Config(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(DA, DB): the largest power of two <= head_dim, and the rest rounded up to a power of two
+    (0 when none): 64 -> (64, 0), 72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0)."""
+    da = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - da
+    return da, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+# One configuration per kernel for every head dim: each compiles for sm_90a without spills at head
+# dims 64 to 128 (tests/kernels/test_attention.py), where 4 warps spill at D >= 96 and 128-query
+# backward blocks spill at D = 128. Not yet timed on a GPU.
+FWD_CONFIG = Config(128, 64, 8, 3)
+DKDV_CONFIG = Config(64, 64, 8, 2)
+DQ_CONFIG = Config(64, 64, 8, 2)
+TRANSFORM_BLOCK_T = 32
+
+
+def transform_qk(x, norm, weight, bias, eps, cos, sin, interleaved, out_dtype):
+    """x: (T, H, D) -> (y (T, H, D) in out_dtype, stats (2, H, T) float32: mean and rstd)."""
+    T, H, D = x.shape
+    y = torch.empty(T, H, D, device=x.device, dtype=out_dtype)
+    stats = torch.zeros(2, H, T, device=x.device, dtype=torch.float32)
+    rot_half = cos.shape[1] if cos is not None else 0
+    dummy = stats  # an unused pointer argument when the matching constexpr switch is off
+    grid = (triton.cdiv(T, TRANSFORM_BLOCK_T), H)
+    qk_transform_fwd_kernel[grid](
+        x, y, stats, weight if weight is not None else dummy, bias if bias is not None else dummy,
+        cos if cos is not None else dummy, sin if sin is not None else dummy,
+        T, D, rot_half,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
+        float(eps),
+        NORM=NORM_KINDS[norm], HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        ROTARY=cos is not None, INTERLEAVED=bool(interleaved),
+        BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
+    )
+    return y, stats
+
+
+def transform_qk_backward(dy, x, stats, norm, weight, bias, cos, sin, interleaved):
+    """dy, x: (T, H, D) -> (dx in x's dtype, dweight or None, dbias or None), the parameter
+    gradients in float32 summed over tokens and heads in a fixed order."""
+    T, H, D = x.shape
+    block_d = triton.next_power_of_2(D)
+    num_blocks = triton.cdiv(T, TRANSFORM_BLOCK_T)
+    dx = torch.empty_like(x)
+    has_weight = norm is not None and weight is not None
+    has_bias = norm is not None and bias is not None
+    dw = torch.empty(num_blocks, H, block_d, device=x.device, dtype=torch.float32) if has_weight else stats
+    db = torch.empty(num_blocks, H, block_d, device=x.device, dtype=torch.float32) if has_bias else stats
+    rot_half = cos.shape[1] if cos is not None else 0
+    qk_transform_bwd_kernel[(num_blocks, H)](
+        dy, x, dx, stats, weight if has_weight else stats,
+        cos if cos is not None else stats, sin if sin is not None else stats, dw, db,
+        T, D, rot_half,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
+        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
+        NORM=NORM_KINDS[norm], HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        ROTARY=cos is not None, INTERLEAVED=bool(interleaved),
+        BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=block_d,
+    )
+    dweight = dw.sum(dim=(0, 1))[:D] if has_weight else None
+    dbias = db.sum(dim=(0, 1))[:D] if has_bias else None
+    return dx, dweight, dbias
+
+
+def _grid(work: torch.Tensor | None, heads: int, max_seqlen: int, num_seqs: int, block: int):
+    if work is not None:
+        return (work.shape[0], heads), True
+    return (triton.cdiv(max_seqlen, block), heads, num_seqs), False
+
+
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, work_for):
+    """q: (T, Hq, D), k, v: (T, Hkv, D), last dim contiguous -> (out (T, Hq, D), lse (Hq, T) float32).
+
+    work_for(block) returns the plan's int32 (n, 2) work list for that block size, or None."""
+    T, Hq, D = q.shape
+    da, db = head_dim_chunks(D)
+    config = FWD_CONFIG
+    out = torch.empty_like(q)
+    lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
+    work = work_for(config.block_m)
+    grid, use_work = _grid(work, Hq, max_seqlen, cu_seqlens.numel() - 1, config.block_m)
+    attn_fwd_kernel[grid](
+        q, k, v, out, lse, cu_seqlens, work if use_work else cu_seqlens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        T, D, Hq // k.shape[1], softmax_scale * LOG2E,
+        CAUSAL=causal, USE_WORK=use_work, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DA=da, DB=db,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale, work_for,
+                       grad_dtype=None):
+    """Gradients (dq, dk, dv) of the attention alone; dq and dk in grad_dtype (default: q's dtype;
+    float32 when a transform backward follows, so its input is not rounded twice), dv in v's."""
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    da, db = head_dim_chunks(D)
+    num_seqs = cu_seqlens.numel() - 1
+    delta = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
+    attn_bwd_delta_kernel[(triton.cdiv(T, TRANSFORM_BLOCK_T), Hq)](
+        out, do, delta, T, D, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
+        BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
+    )
+    dq, dk, dv = torch.empty_like(q, dtype=grad_dtype), torch.empty_like(k, dtype=grad_dtype), torch.empty_like(v)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               do.stride(0), do.stride(1))
+
+    config = DKDV_CONFIG
+    work = work_for(config.block_n)
+    grid, use_work = _grid(work, Hkv, max_seqlen, num_seqs, config.block_n)
+    attn_bwd_dkdv_kernel[grid](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens, work if use_work else cu_seqlens,
+        *strides, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        T, D, Hq // Hkv, softmax_scale * LOG2E, softmax_scale,
+        CAUSAL=causal, USE_WORK=use_work, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DA=da, DB=db,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+
+    config = DQ_CONFIG
+    work = work_for(config.block_m)
+    grid, use_work = _grid(work, Hq, max_seqlen, num_seqs, config.block_m)
+    attn_bwd_dq_kernel[grid](
+        q, k, v, do, lse, delta, dq, cu_seqlens, work if use_work else cu_seqlens,
+        *strides, dq.stride(0), dq.stride(1),
+        T, D, Hq // Hkv, softmax_scale * LOG2E, softmax_scale,
+        CAUSAL=causal, USE_WORK=use_work, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DA=da, DB=db,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return dq, dk, dv
