@@ -64,9 +64,26 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in _TRUTHY
 
 
+def _current_override() -> str | None:
+    return _override.get()
+
+
+def _constant_under_compile(fn):
+    """torch.compile cannot trace a ContextVar read: compiled code reads the override once, when it
+    is traced (a `use_backend` switch after that needs `torch._dynamo.reset()`)."""
+    try:
+        import torch
+    except ImportError:
+        return fn
+    return torch.compiler.assume_constant_result(fn)
+
+
+_current_override = _constant_under_compile(_current_override)
+
+
 def forced_backend() -> str | None:
     """The backend forced by :func:`use_backend` or ``GLM5V_BACKEND``, or None when not forced."""
-    name = _override.get()
+    name = _current_override()
     if name is not None:
         return name
     env = os.environ.get(ENV_VAR, "").strip()
