@@ -66,16 +66,16 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bia
         r1 = min(r0 + ROW_CHUNK, n)
         h = hidden[r0:r1].float()
         t = safe_targets[r0:r1]
-        # The target logit directly from its weight row: (rows, H) · (rows, H) summed over H.
-        z_t = (h * weight[t].float()).sum(-1)
-        if bias is not None:
-            z_t = z_t + bias[t].float()
-        z_t = _capped(z_t, softcap)
         row_max = torch.full((r1 - r0,), -torch.inf, device=hidden.device)
         sum_exp = torch.zeros(r1 - r0, device=hidden.device)
         sum_z = torch.zeros(r1 - r0, device=hidden.device)
+        z_t = torch.zeros(r1 - r0, device=hidden.device)
         for v0 in range(0, v, VOCAB_CHUNK):
-            z = _logits_chunk(h, weight, bias, v0, min(v0 + VOCAB_CHUNK, v), softcap)
+            v1 = min(v0 + VOCAB_CHUNK, v)
+            z = _logits_chunk(h, weight, bias, v0, v1, softcap)
+            # The target logit taken from the same logits as the max, so `correct` compares like with like.
+            in_chunk = (t >= v0) & (t < v1)
+            z_t = z_t + torch.where(in_chunk, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
             new_max = torch.maximum(row_max, z.amax(-1))
             sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(-1)
             row_max = new_max
