@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-# Chunk sizes of the CPU path: a 1024 × 4096 float32 logits chunk is 16 MiB.
-ROW_CHUNK = 1024
+# Chunk sizes of the CPU path: a 512 × 4096 float32 logits chunk is 8 MiB.
+ROW_CHUNK = 512
 VOCAB_CHUNK = 4096
 
 
@@ -77,9 +77,9 @@ def linear_cross_entropy_forward(hidden: torch.Tensor, weight: torch.Tensor, bia
             in_chunk = (t >= v0) & (t < v1)
             z_t = z_t + torch.where(in_chunk, z.gather(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None])[:, 0], 0.0)
             new_max = torch.maximum(row_max, z.amax(-1))
-            sum_exp = sum_exp * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(-1)
-            row_max = new_max
             sum_z = sum_z + z.sum(-1)
+            sum_exp = sum_exp * torch.exp(row_max - new_max) + z.sub_(new_max[:, None]).exp_().sum(-1)
+            row_max = new_max
             del z
         chunk_lse = row_max + torch.log(sum_exp)
         chunk_loss = chunk_lse - (1.0 - label_smoothing) * z_t - (label_smoothing / v) * sum_z
@@ -117,18 +117,22 @@ def linear_cross_entropy_backward(grad_loss: torch.Tensor, hidden: torch.Tensor,
         for v0 in range(0, v, VOCAB_CHUNK):
             v1 = min(v0 + VOCAB_CHUNK, v)
             z = _logits_chunk(h, weight, bias, v0, v1, softcap)
-            is_target = torch.arange(v0, v1, device=hidden.device)[None, :] == t[:, None]
-            du = p_scale * torch.exp(z - row_lse) - label_smoothing / v - (1.0 - label_smoothing) * is_target
-            if softcap is not None:
-                du = du * (1.0 - (z / softcap) ** 2)
-            du = du * g
+            cap_grad = 1.0 - (z / softcap) ** 2 if softcap is not None else None
+            # In place from here on: one (rows × vocab chunk) buffer becomes the logit gradient.
+            du = z.sub_(row_lse).exp_().mul_(p_scale).sub_(label_smoothing / v)
+            in_chunk = (t >= v0) & (t < v1)
+            du.scatter_add_(1, (t - v0).clamp(0, v1 - v0 - 1)[:, None],
+                            torch.where(in_chunk, label_smoothing - 1.0, 0.0)[:, None])
+            if cap_grad is not None:
+                du.mul_(cap_grad)
+            du.mul_(g)
             if dhidden is not None:
-                dhidden[r0:r1] += du @ weight[v0:v1].float()
+                dhidden[r0:r1].addmm_(du, weight[v0:v1].float())
             if dweight is not None:
-                dweight[v0:v1] += du.T @ h
+                dweight[v0:v1].addmm_(du.T, h)
             if dbias is not None:
                 dbias[v0:v1] += du.sum(0)
-            del z, du
+            del z, du, cap_grad
     return (None if dhidden is None else dhidden.to(hidden.dtype),
             None if dweight is None else dweight.to(weight.dtype),
             None if dbias is None else dbias.to(bias.dtype))
