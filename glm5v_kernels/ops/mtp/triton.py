@@ -1,10 +1,11 @@
 """Triton kernels of the mtp family: fused linear cross-entropy and the placeholder embedding.
 
 Linear cross-entropy (the math is in reference.py). Rows whose target is ``ignore_index`` are
-skipped without a host sync: the caller passes ``order``, the row indices with the valid rows
-first (a stable sort of the validity mask, on the device), and ``count``, a device scalar
-holding how many rows are valid. Programs past ``count`` exit at once, so the work follows the
-number of valid rows while the grid keeps its host-known size.
+skipped without a host sync: the caller packs the valid rows first (an index_select by a stable
+sort of the validity mask, on the device) and passes ``count``, a device scalar holding how many
+rows are valid. Programs past ``count`` exit at once and the row loops stop there, so the work
+follows the number of valid rows while the grid keeps its host-known size; every tile is then a
+block-pointer load.
 
 - forward: one program per block of valid rows walks the vocabulary in BLOCK_V tiles, computing
   each logits tile (BLOCK_M × BLOCK_V, float32 accumulation over H) and folding it into an online
