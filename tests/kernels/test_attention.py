@@ -410,7 +410,8 @@ def test_bf16_under_the_interpreter_is_refused():
 # -- sm_90a ---------------------------------------------------------------------------------------------
 
 ATTN_POINTERS = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "DO": "*bf16", "LSE": "*fp32",
-                 "Delta": "*fp32", "DK": "*fp32", "DV": "*bf16", "DQ": "*fp32", "cu_seqlens": "*i32", "work": "*i32"}
+                 "Delta": "*fp32", "DK": "*fp32", "DV": "*bf16", "DQ": "*fp32", "cu_seqlens": "*i32", "work": "*i32",
+                 "W": "*fp32", "B": "*fp32", "Cos": "*fp32", "Sin": "*fp32"}
 TRANSFORM_POINTERS = {"X": "*bf16", "Y": "*bf16", "DY": "*fp32", "DX": "*bf16", "Stats": "*fp32", "W": "*fp32",
                       "B": "*fp32", "Cos": "*fp32", "Sin": "*fp32", "DW": "*fp32", "DB": "*fp32"}
 
@@ -418,26 +419,33 @@ TRANSFORM_POINTERS = {"X": "*bf16", "Y": "*bf16", "DY": "*fp32", "DX": "*bf16", 
 def signature(kernel, pointers) -> dict[str, str]:
     fn = kernel.fn
     names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
-    floats = {"qk_scale", "softmax_scale", "eps"}
+    floats = {"qk_scale", "softmax_scale", "eps"}  # every other lower-case argument is an int
     return {n: pointers.get(n) or ("fp32" if n in floats else "i32") for n in names
             if n in pointers or not (n.isupper() and len(n) > 2)}
 
 
+def q_transform(norm: int, rotary: bool) -> dict:
+    return {"NORM": norm, "HAS_WEIGHT": norm > 0, "HAS_BIAS": norm == 2, "ROTARY": rotary, "INTERLEAVED": False}
+
+
 ATTENTION_KERNELS = [
-    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_CONFIG, id="fwd"),
-    pytest.param(kernels.attn_bwd_dkdv_kernel, kernels.DKDV_CONFIG, id="bwd-dkdv"),
-    pytest.param(kernels.attn_bwd_dq_kernel, kernels.DQ_CONFIG, id="bwd-dq"),
+    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_CONFIG, q_transform(0, False), id="fwd"),
+    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_TRANSFORM_CONFIG, q_transform(1, True), id="fwd-rms-rotary"),
+    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_TRANSFORM_CONFIG, q_transform(2, True), id="fwd-layer-rotary"),
+    pytest.param(kernels.attn_bwd_dkdv_kernel, kernels.DKDV_CONFIG, {}, id="bwd-dkdv"),
+    pytest.param(kernels.attn_bwd_dq_kernel, kernels.DQ_CONFIG, {}, id="bwd-dq"),
 ]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128], ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("kernel,config", ATTENTION_KERNELS)
-def test_attention_kernels_compile_for_sm90(kernel, config, head_dim, causal):
+@pytest.mark.parametrize("kernel,config,switches", ATTENTION_KERNELS)
+def test_attention_kernels_compile_for_sm90(kernel, config, switches, head_dim, causal):
     da, db = kernels.head_dim_chunks(head_dim)
     report = compile_for_sm90(
         kernel, signature(kernel, ATTN_POINTERS),
-        {"CAUSAL": causal, "USE_WORK": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DA": da, "DB": db},
+        {"CAUSAL": causal, "USE_WORK": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DA": da, "DB": db,
+         **switches},
         num_warps=config.num_warps, num_stages=config.num_stages)
     assert_compiles_clean(report, expect_wgmma=True)
 
@@ -449,8 +457,7 @@ def test_transform_kernels_compile_for_sm90(kernel, norm):
     for block_d in (64, 128):
         report = compile_for_sm90(
             kernel, signature(kernel, TRANSFORM_POINTERS),
-            {"NORM": norm, "HAS_WEIGHT": norm > 0, "HAS_BIAS": norm == 2, "ROTARY": True, "INTERLEAVED": False,
-             "BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": block_d}, num_warps=4)
+            {**q_transform(norm, True), "BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": block_d}, num_warps=4)
         assert_compiles_clean(report)
 
 

@@ -1,8 +1,11 @@
 """varlen attention on the Triton backend as torch.library custom ops (forward and backward), with
 fake implementations, so `torch.compile(fullgraph=True)` treats the fused kernel as one node.
 
-What backward keeps: q, k, v (the raw inputs), out and lse, as flash-attn does. The normalised and
-rotated q and k are recomputed in backward by one transform pass each rather than stored.
+Forward: one transform pass normalises and rotates k (every key tile is read by many query
+blocks), the attention kernel does the same to q as it loads each query tile. What backward keeps:
+q, k, v (the raw inputs), out and lse, as flash-attn does; it recomputes the transformed q and k
+with one pass each, runs the atomic-free attention backward, then one transform-backward pass each
+for dq, dk and the norm-parameter gradients.
 """
 
 from __future__ import annotations
@@ -13,15 +16,16 @@ from torch import Tensor
 from glm5v_kernels.ops.attention import triton as kernels
 
 
-def _transformed(x, norm, weight, bias, eps, cos, sin, interleaved):
+def _transforms(norm: str, q_weight, k_weight, q_bias, k_bias, eps, cos, sin, interleaved):
+    """The q and k transforms; custom ops take a str, so "" stands for no norm."""
+    shared = dict(norm=norm or None, eps=eps, cos=cos, sin=sin, interleaved=interleaved)
+    return (kernels.Transform(weight=q_weight, bias=q_bias, **shared),
+            kernels.Transform(weight=k_weight, bias=k_bias, **shared))
+
+
+def _transformed(x, transform: kernels.Transform):
     """(x normalised then rotated, its (2, H, T) stats) or (x, None) when there is nothing to apply."""
-    if norm is None and cos is None:
-        return x, None
-    return kernels.transform_qk(x, norm, weight, bias, eps, cos, sin, interleaved, x.dtype)
-
-
-def _norm(norm: str) -> str | None:
-    return norm or None  # custom ops take a str, so "" stands for no norm
+    return (x, None) if transform.is_identity else kernels.transform_qk(x, transform)
 
 
 @torch.library.custom_op("glm5v::varlen_attention_fwd", mutates_args=())
@@ -31,11 +35,11 @@ def varlen_attention_fwd(
     k_norm_bias: Tensor | None, rotary_cos: Tensor | None, rotary_sin: Tensor | None,
     max_seqlen: int, causal: bool, softmax_scale: float, norm: str, norm_eps: float, interleaved: bool,
 ) -> tuple[Tensor, Tensor]:
-    norm_kind = _norm(norm)
-    qt, _ = _transformed(q, norm_kind, q_norm_weight, q_norm_bias, norm_eps, rotary_cos, rotary_sin, interleaved)
-    kt, _ = _transformed(k, norm_kind, k_norm_weight, k_norm_bias, norm_eps, rotary_cos, rotary_sin, interleaved)
+    q_transform, k_transform = _transforms(norm, q_norm_weight, k_norm_weight, q_norm_bias, k_norm_bias, norm_eps,
+                                           rotary_cos, rotary_sin, interleaved)
+    kt, _ = _transformed(k, k_transform)
     works = _works(work_small, work_large)
-    return kernels.attention_forward(qt, kt, v, cu_seqlens, max_seqlen, causal, softmax_scale, works.get)
+    return kernels.attention_forward(q, kt, v, cu_seqlens, max_seqlen, causal, softmax_scale, works.get, q_transform)
 
 
 @varlen_attention_fwd.register_fake
@@ -59,19 +63,18 @@ def varlen_attention_bwd(
     max_seqlen: int, causal: bool, softmax_scale: float, norm: str, norm_eps: float, interleaved: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, d q_norm_weight, d k_norm_weight, d q_norm_bias, d k_norm_bias (empty when absent)."""
-    norm_kind = _norm(norm)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
-    qt, q_stats = _transformed(q, norm_kind, q_norm_weight, q_norm_bias, norm_eps, rotary_cos, rotary_sin, interleaved)
-    kt, k_stats = _transformed(k, norm_kind, k_norm_weight, k_norm_bias, norm_eps, rotary_cos, rotary_sin, interleaved)
+    q_transform, k_transform = _transforms(norm, q_norm_weight, k_norm_weight, q_norm_bias, k_norm_bias, norm_eps,
+                                           rotary_cos, rotary_sin, interleaved)
+    qt, q_stats = _transformed(q, q_transform)
+    kt, k_stats = _transformed(k, k_transform)
     works = _works(work_small, work_large)
     dq, dk, dv = kernels.attention_backward(dout, qt, kt, v, out, lse, cu_seqlens, max_seqlen, causal, softmax_scale,
                                             works.get, grad_dtype=torch.float32 if q_stats is not None else None)
     grads = [None] * 4
     if q_stats is not None:
-        dq, grads[0], grads[2] = kernels.transform_qk_backward(dq, q, q_stats, norm_kind, q_norm_weight, q_norm_bias,
-                                                               rotary_cos, rotary_sin, interleaved)
-        dk, grads[1], grads[3] = kernels.transform_qk_backward(dk, k, k_stats, norm_kind, k_norm_weight, k_norm_bias,
-                                                               rotary_cos, rotary_sin, interleaved)
+        dq, grads[0], grads[2] = kernels.transform_qk_backward(dq, q, q_stats, q_transform)
+        dk, grads[1], grads[3] = kernels.transform_qk_backward(dk, k, k_stats, k_transform)
     params = (q_norm_weight, k_norm_weight, q_norm_bias, k_norm_bias)
     # An empty tensor stands for an absent gradient in the op's fixed-arity output.
     grads = [g.to(p.dtype) if g is not None else q.new_empty(0) for g, p in zip(grads, params)]

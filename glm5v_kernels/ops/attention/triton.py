@@ -52,15 +52,54 @@ def _rotary_columns(cols, rot_half, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def _normalize(x, mean, rstd, w, b, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _normalize(x, cols, col_ok, mean, rstd, W, B, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+               HAS_BIAS: tl.constexpr):
+    """(x − mean)·rstd·W[cols] + B[cols] for a tile whose channels are `cols`; x itself when NORM == 0."""
     if NORM == 0:
         return x
     u = (x - mean[:, None]) * rstd[:, None]
     if HAS_WEIGHT:
-        u = u * w[None, :]
+        u = u * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
-        u = u + b[None, :]
+        u = u + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return u
+
+
+@triton.jit
+def _row_stats(x_a, ok_a, x_b, ok_b, D, eps, NORM: tl.constexpr, HAS_B: tl.constexpr):
+    """Mean (zero for RMSNorm) and 1/sqrt(var + eps) of each row over the head dim, from one or two
+    float32 channel chunks that hold zeros outside the head dim; two-pass for accuracy."""
+    mean = tl.sum(x_a, axis=1) * 0.0
+    if NORM == 2:
+        total = tl.sum(x_a, axis=1)
+        if HAS_B:
+            total += tl.sum(x_b, axis=1)
+        mean = total / D
+    centred = tl.where(ok_a[None, :], x_a - mean[:, None], 0.0)
+    squares = tl.sum(centred * centred, axis=1)
+    if HAS_B:
+        centred = tl.where(ok_b[None, :], x_b - mean[:, None], 0.0)
+        squares += tl.sum(centred * centred, axis=1)
+    return mean, 1.0 / tl.sqrt(squares / D + eps)
+
+
+@triton.jit
+def _normed_rotated(x, x_rows, cos_rows, sin_rows, cols, col_ok, row_ok, mean, rstd, W, B, rot_half,
+                    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Norm then rotary of the float32 tile x = x_rows[:, cols]. The rotary partners of `cols` are
+    re-read from x_rows (pointers to each row's first channel), so a tile may hold any channel
+    subset; cos_rows / sin_rows point at each row's table entries."""
+    y = _normalize(x, cols, col_ok, mean, rstd, W, B, NORM, HAS_WEIGHT, HAS_BIAS)
+    if ROTARY:
+        partner, table_col, sign, rotated = _rotary_columns(cols, rot_half, INTERLEAVED)
+        xp = tl.load(x_rows + partner[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        yp = _normalize(xp, partner, col_ok, mean, rstd, W, B, NORM, HAS_WEIGHT, HAS_BIAS)
+        table_mask = row_ok[:, None] & rotated[None, :]
+        c = tl.load(cos_rows + table_col[None, :], mask=table_mask, other=1.0).to(tl.float32)
+        s = tl.load(sin_rows + table_col[None, :], mask=table_mask, other=0.0).to(tl.float32)
+        y = y * c + sign[None, :] * yp * s
+    return y
 
 
 @triton.jit
@@ -77,42 +116,22 @@ def qk_transform_fwd_kernel(
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < T
     col_ok = cols < D
     mask = row_ok[:, None] & col_ok[None, :]
-    x_rows = X + rows.to(tl.int64)[:, None] * stride_xt + h * stride_xh
+    x_rows = X + tokens[:, None] * stride_xt + h * stride_xh
     x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     mean = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    rstd = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    w = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    rstd = mean
     if NORM != 0:
-        if NORM == 2:
-            mean = tl.sum(x, axis=1) / D
-        centred = tl.where(mask, x - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / D + eps)
+        mean, rstd = _row_stats(x, col_ok, x, col_ok, D, eps, NORM, False)
         tl.store(Stats + h * T + rows, mean, mask=row_ok)
         tl.store(Stats + (num_heads + h) * T + rows, rstd, mask=row_ok)
-        if HAS_WEIGHT:
-            w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            b = tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)
-    y = _normalize(x, mean, rstd, w, b, NORM, HAS_WEIGHT, HAS_BIAS)
-    if ROTARY:
-        partner, table_col, sign, rotated = _rotary_columns(cols, rot_half, INTERLEAVED)
-        xp = tl.load(x_rows + partner[None, :], mask=mask, other=0.0).to(tl.float32)
-        if NORM != 0:
-            if HAS_WEIGHT:
-                w = tl.load(W + partner, mask=col_ok, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                b = tl.load(B + partner, mask=col_ok, other=0.0).to(tl.float32)
-        yp = _normalize(xp, mean, rstd, w, b, NORM, HAS_WEIGHT, HAS_BIAS)
-        table_mask = row_ok[:, None] & rotated[None, :]
-        c = tl.load(Cos + rows.to(tl.int64)[:, None] * stride_ct + table_col[None, :], mask=table_mask, other=1.0)
-        s = tl.load(Sin + rows.to(tl.int64)[:, None] * stride_st + table_col[None, :], mask=table_mask, other=0.0)
-        y = y * c.to(tl.float32) + sign[None, :] * yp * s.to(tl.float32)
-    y_rows = Y + rows.to(tl.int64)[:, None] * stride_yt + h * stride_yh
+    y = _normed_rotated(x, x_rows, Cos + tokens[:, None] * stride_ct, Sin + tokens[:, None] * stride_st, cols, col_ok,
+                        row_ok, mean, rstd, W, B, rot_half, NORM, HAS_WEIGHT, HAS_BIAS, ROTARY, INTERLEAVED)
+    y_rows = Y + tokens[:, None] * stride_yt + h * stride_yh
     tl.store(y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -209,13 +228,18 @@ def _store_chunk(base, tile, row0, length, stride_t, col0, head_dim, ROWS: tl.co
 
 @triton.jit
 def attn_fwd_kernel(
-    Q, K, V, Out, LSE, cu_seqlens, work,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_tokens, head_dim, group, qk_scale,
+    Q, K, V, Out, LSE, cu_seqlens, work, W, B, Cos, Sin,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_ct, stride_st,
+    total_tokens, head_dim, group, qk_scale, rot_half, eps,
     CAUSAL: tl.constexpr, USE_WORK: tl.constexpr,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROTARY: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
 ):
     # qk_scale = softmax_scale·log2(e): scores live in base 2; lse (H, T) is stored in natural log.
+    # Q is raw: its norm (weights W, B) and rotary (tables Cos, Sin) are applied here, once per
+    # program as the tile is loaded. K arrives already transformed: each key tile is read by every
+    # query block of its sequence, so transforming it here would repeat the work that many times.
     start, length, m_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_M)
     h = tl.program_id(1)
     if m_start < length:
@@ -230,6 +254,28 @@ def attn_fwd_kernel(
         if DB > 0:
             q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
             acc_b = tl.zeros((BLOCK_M, DB), dtype=tl.float32)
+        if NORM != 0 or ROTARY:
+            tokens = start + rows
+            q_rows = Q + tokens[:, None] * stride_qt + h * stride_qh
+            cos_rows = Cos + tokens[:, None] * stride_ct
+            sin_rows = Sin + tokens[:, None] * stride_st
+            cols_a = tl.arange(0, DA)
+            ok_a = cols_a < head_dim
+            x_a = q_a.to(tl.float32)
+            x_b, ok_b = x_a, ok_a
+            if DB > 0:
+                cols_b = DA + tl.arange(0, DB)
+                ok_b = cols_b < head_dim
+                x_b = q_b.to(tl.float32)
+            mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            rstd = mean
+            if NORM != 0:
+                mean, rstd = _row_stats(x_a, ok_a, x_b, ok_b, head_dim, eps, NORM, DB > 0)
+            q_a = _normed_rotated(x_a, q_rows, cos_rows, sin_rows, cols_a, ok_a, row_ok, mean, rstd, W, B, rot_half,
+                                  NORM, HAS_WEIGHT, HAS_BIAS, ROTARY, INTERLEAVED).to(Q.dtype.element_ty)
+            if DB > 0:
+                q_b = _normed_rotated(x_b, q_rows, cos_rows, sin_rows, cols_b, ok_b, row_ok, mean, rstd, W, B,
+                                      rot_half, NORM, HAS_WEIGHT, HAS_BIAS, ROTARY, INTERLEAVED).to(Q.dtype.element_ty)
         m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         n_end = length
@@ -433,60 +479,78 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
 
 # One configuration per kernel for every head dim: each compiles for sm_90a without spills at head
 # dims 64 to 128 (tests/kernels/test_attention.py), where 4 warps spill at D >= 96 and 128-query
-# backward blocks spill at D = 128. Not yet timed on a GPU.
+# backward blocks spill at D = 128. A forward that normalises and rotates q in its prologue holds
+# more live registers: 128-query blocks spill there from D = 80, so it takes 64. Not yet timed on a GPU.
 FWD_CONFIG = Config(128, 64, 8, 3)
+FWD_TRANSFORM_CONFIG = Config(64, 64, 8, 3)
 DKDV_CONFIG = Config(64, 64, 8, 2)
 DQ_CONFIG = Config(64, 64, 8, 2)
 TRANSFORM_BLOCK_T = 32
 
 
-def transform_qk(x, norm, weight, bias, eps, cos, sin, interleaved, out_dtype):
-    """x: (T, H, D) -> (y (T, H, D) in out_dtype, stats (2, H, T) float32: mean and rstd)."""
+class Transform(NamedTuple):
+    """What happens to q or k before attention: norm ("rms", "layer" or None) with optional (D,)
+    weight and bias, then rotary with (T, rot_dim // 2) tables (None for none)."""
+
+    norm: str | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    eps: float = 1e-6
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    interleaved: bool = False
+
+    @property
+    def is_identity(self) -> bool:
+        return self.norm is None and self.cos is None
+
+    def kernel_args(self, fallback: torch.Tensor) -> tuple:
+        """Pointer and scalar arguments shared by the kernels (W, B, Cos, Sin, the table strides,
+        rot_half), with `fallback` for absent tensors, and the matching constexpr switches."""
+        has_weight = self.norm is not None and self.weight is not None
+        has_bias = self.norm is not None and self.bias is not None
+        rotary = self.cos is not None
+        tensors = (self.weight if has_weight else fallback, self.bias if has_bias else fallback,
+                   self.cos if rotary else fallback, self.sin if rotary else fallback)
+        scalars = (self.cos.stride(0) if rotary else 0, self.sin.stride(0) if rotary else 0,
+                   self.cos.shape[1] if rotary else 0)
+        switches = dict(NORM=NORM_KINDS[self.norm], HAS_WEIGHT=has_weight, HAS_BIAS=has_bias, ROTARY=rotary,
+                        INTERLEAVED=bool(self.interleaved))
+        return tensors, scalars, switches
+
+
+def transform_qk(x: torch.Tensor, transform: Transform):
+    """x: (T, H, D) -> (y (T, H, D) in x's dtype, stats (2, H, T) float32: mean and rstd)."""
     T, H, D = x.shape
-    y = torch.empty(T, H, D, device=x.device, dtype=out_dtype)
+    y = torch.empty(T, H, D, device=x.device, dtype=x.dtype)
     stats = torch.zeros(2, H, T, device=x.device, dtype=torch.float32)
-    rot_half = cos.shape[1] if cos is not None else 0
-    dummy = stats  # an unused pointer argument when the matching constexpr switch is off
-    grid = (triton.cdiv(T, TRANSFORM_BLOCK_T), H)
-    qk_transform_fwd_kernel[grid](
-        x, y, stats, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        cos if cos is not None else dummy, sin if sin is not None else dummy,
-        T, D, rot_half,
-        x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
-        float(eps),
-        NORM=NORM_KINDS[norm], HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ROTARY=cos is not None, INTERLEAVED=bool(interleaved),
-        BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
+    (w, b, cos, sin), (stride_ct, stride_st, rot_half), switches = transform.kernel_args(stats)
+    qk_transform_fwd_kernel[(triton.cdiv(T, TRANSFORM_BLOCK_T), H)](
+        x, y, stats, w, b, cos, sin, T, D, rot_half,
+        x.stride(0), x.stride(1), y.stride(0), y.stride(1), stride_ct, stride_st, float(transform.eps),
+        **switches, BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=triton.next_power_of_2(D),
     )
     return y, stats
 
 
-def transform_qk_backward(dy, x, stats, norm, weight, bias, cos, sin, interleaved):
+def transform_qk_backward(dy: torch.Tensor, x: torch.Tensor, stats: torch.Tensor, transform: Transform):
     """dy, x: (T, H, D) -> (dx in x's dtype, dweight or None, dbias or None), the parameter
     gradients in float32 summed over tokens and heads in a fixed order."""
     T, H, D = x.shape
     block_d = triton.next_power_of_2(D)
     num_blocks = triton.cdiv(T, TRANSFORM_BLOCK_T)
     dx = torch.empty_like(x)
-    has_weight = norm is not None and weight is not None
-    has_bias = norm is not None and bias is not None
-    dw = torch.empty(num_blocks, H, block_d, device=x.device, dtype=torch.float32) if has_weight else stats
-    db = torch.empty(num_blocks, H, block_d, device=x.device, dtype=torch.float32) if has_bias else stats
-    rot_half = cos.shape[1] if cos is not None else 0
+    (w, _, cos, sin), (stride_ct, stride_st, rot_half), switches = transform.kernel_args(stats)
+    partials = {name: torch.empty(num_blocks, H, block_d, device=x.device, dtype=torch.float32)
+                for name in ("HAS_WEIGHT", "HAS_BIAS") if switches[name]}
     qk_transform_bwd_kernel[(num_blocks, H)](
-        dy, x, dx, stats, weight if has_weight else stats,
-        cos if cos is not None else stats, sin if sin is not None else stats, dw, db,
+        dy, x, dx, stats, w, cos, sin, partials.get("HAS_WEIGHT", stats), partials.get("HAS_BIAS", stats),
         T, D, rot_half,
-        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1),
-        cos.stride(0) if cos is not None else 0, sin.stride(0) if sin is not None else 0,
-        NORM=NORM_KINDS[norm], HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        ROTARY=cos is not None, INTERLEAVED=bool(interleaved),
-        BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=block_d,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), stride_ct, stride_st,
+        **switches, BLOCK_T=TRANSFORM_BLOCK_T, BLOCK_D=block_d,
     )
-    dweight = dw.sum(dim=(0, 1))[:D] if has_weight else None
-    dbias = db.sum(dim=(0, 1))[:D] if has_bias else None
-    return dx, dweight, dbias
+    reduced = {name: p.sum(dim=(0, 1))[:D] for name, p in partials.items()}
+    return dx, reduced.get("HAS_WEIGHT"), reduced.get("HAS_BIAS")
 
 
 def _grid(work: torch.Tensor | None, heads: int, max_seqlen: int, num_seqs: int, block: int):
@@ -495,22 +559,26 @@ def _grid(work: torch.Tensor | None, heads: int, max_seqlen: int, num_seqs: int,
     return (triton.cdiv(max_seqlen, block), heads, num_seqs), False
 
 
-def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, work_for):
+def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, work_for, q_transform=None):
     """q: (T, Hq, D), k, v: (T, Hkv, D), last dim contiguous -> (out (T, Hq, D), lse (Hq, T) float32).
 
-    work_for(block) returns the plan's int32 (n, 2) work list for that block size, or None."""
+    q_transform is applied to q inside the kernel; k must already be transformed. work_for(block)
+    returns the plan's int32 (n, 2) work list for that block size, or None."""
     T, Hq, D = q.shape
     da, db = head_dim_chunks(D)
-    config = FWD_CONFIG
+    q_transform = q_transform or Transform()
+    config = FWD_CONFIG if q_transform.is_identity else FWD_TRANSFORM_CONFIG
     out = torch.empty_like(q)
     lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
     work = work_for(config.block_m)
     grid, use_work = _grid(work, Hq, max_seqlen, cu_seqlens.numel() - 1, config.block_m)
+    (w, b, cos, sin), (stride_ct, stride_st, rot_half), switches = q_transform.kernel_args(lse)
     attn_fwd_kernel[grid](
-        q, k, v, out, lse, cu_seqlens, work if use_work else cu_seqlens,
+        q, k, v, out, lse, cu_seqlens, work if use_work else cu_seqlens, w, b, cos, sin,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        T, D, Hq // k.shape[1], softmax_scale * LOG2E,
-        CAUSAL=causal, USE_WORK=use_work, BLOCK_M=config.block_m, BLOCK_N=config.block_n, DA=da, DB=db,
+        stride_ct, stride_st, T, D, Hq // k.shape[1], softmax_scale * LOG2E, rot_half, float(q_transform.eps),
+        CAUSAL=causal, USE_WORK=use_work, **switches,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, DA=da, DB=db,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
