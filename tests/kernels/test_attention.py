@@ -457,14 +457,15 @@ def test_transform_kernels_compile_for_sm90(kernel, norm):
     for block_d in (64, 128):
         report = compile_for_sm90(
             kernel, signature(kernel, TRANSFORM_POINTERS),
-            {**q_transform(norm, True), "BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": block_d}, num_warps=4)
+            {**q_transform(norm, True), "BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": block_d},
+            num_warps=kernels.TRANSFORM_WARPS)
         assert_compiles_clean(report)
 
 
 def test_delta_kernel_compiles_for_sm90():
     pointers = {"Out": "*bf16", "DO": "*bf16", "Delta": "*fp32"}
     report = compile_for_sm90(kernels.attn_bwd_delta_kernel, signature(kernels.attn_bwd_delta_kernel, pointers),
-                              {"BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": 128}, num_warps=4)
+                              {"BLOCK_T": kernels.TRANSFORM_BLOCK_T, "BLOCK_D": 128}, num_warps=kernels.TRANSFORM_WARPS)
     assert_compiles_clean(report)
 
 
