@@ -1,5 +1,5 @@
 """Data-pipeline kernels (C++ host code): NaFlex image preprocessing and packing, multi-key
-balancing of samples over ranks and micro-batches."""
+balancing of samples over ranks and micro-batches; resizing of learned position grids."""
 
 from glm5v_kernels.data.naflex import NaFlexProcessor, PackedImages, pack_images
 from glm5v_kernels.data.partition import (
@@ -10,6 +10,7 @@ from glm5v_kernels.data.partition import (
     plan_microbatches,
     vlm_sample_costs,
 )
+from glm5v_kernels.data.pos_embed import interpolate_pos_embed
 
-__all__ = ["NaFlexProcessor", "PackedImages", "pack_images", "Partition", "TransformerDims", "balanced_partition",
-           "partition_frames", "plan_microbatches", "vlm_sample_costs"]
+__all__ = ["NaFlexProcessor", "PackedImages", "pack_images", "interpolate_pos_embed", "Partition", "TransformerDims",
+           "balanced_partition", "partition_frames", "plan_microbatches", "vlm_sample_costs"]
