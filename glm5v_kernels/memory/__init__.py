@@ -1,14 +1,23 @@
-"""Activation memory policies for transformer blocks: selective or full recompute.
+"""Activation memory policies for transformer blocks: selective or full recompute, and offload.
 
-`offloaded_checkpoint(fn, *args, recompute=...)` runs one block so that backward recomputes what
-the policy does not keep; `apply_memory_policy(model, block_cls, ...)` wraps every chosen block
-of a model. "selective" keeps the outputs of matrix products and attention (with its
+`offloaded_checkpoint(fn, *args, recompute=..., offload=..., pool=...)` runs one block so that
+backward recomputes what the policy does not keep and finds what it offloaded back on the device;
+`apply_memory_policy(model, block_cls, ...)` wraps every chosen block of a model.
+
+recompute: "selective" keeps the outputs of matrix products and attention (with its
 log-sum-exp) and recomputes the cheap elementwise work around them (norms, activations, rotary):
 torch's selective-checkpoint contexts with the policy in `selective_policy`. "full" keeps only
-the block's input. `saved_bytes(fn, *args)` measures what a forward leaves alive for backward.
+the block's input. "none" keeps what autograd keeps.
 
-Offloading saved tensors to pinned host memory is a no-op for CPU tensors (there is no device
-memory to save); for CUDA tensors it is not available yet and asking for it raises.
+offload: "inputs" sends the tensors the block saves that share storage with its inputs (with
+recompute, its input: all "full" keeps) to pinned host memory; "saved" sends every tensor saved
+through autograd's saved-tensor hooks of at least 1 MiB (with "selective", the kept matrix-product
+outputs live in the checkpoint's own cache and stay on the device). Copies run on a side CUDA
+stream into `pool` (a `PinnedPool`, or fresh pinned memory when None) and come back one block
+ahead in backward (see `offload.py`). `no_offload()` and `mark_not_offload(tensor)` keep tensors
+on the device; `stats()` reports bytes moved and kept and copy time exposed. Offload moves CUDA
+tensors only: for CPU tensors it is a no-op. `saved_bytes(fn, *args)` measures what a forward
+leaves alive for backward.
 """
 
 from __future__ import annotations
@@ -21,6 +30,16 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from glm5v_kernels.memory.offload import (
+    OFFLOADER,
+    OffloadStats,
+    PinnedPool,
+    mark_not_offload,
+    no_offload,
+    reset_stats,
+    stats,
+)
 
 RECOMPUTE = ("none", "selective", "full")
 OFFLOAD = (None, "inputs", "saved")
@@ -50,15 +69,23 @@ def _check(recompute: str, offload) -> None:
         raise ValueError(f"offload must be one of {OFFLOAD}, got {offload!r}")
 
 
-def offloaded_checkpoint(fn, *args, recompute: str = "selective", offload: str | None = "inputs", pool=None,
-                         **kwargs):
-    """fn(*args, **kwargs) with the given recompute policy for its backward.
+def offloaded_checkpoint(fn, *args, recompute: str = "selective", offload: str | None = "inputs",
+                         pool: PinnedPool | None = None, **kwargs):
+    """fn(*args, **kwargs) with the given recompute and offload policy for its backward.
 
     Gradients equal those of fn run plainly (bit-identical in fp32): recompute replays the same
-    operations. offload: see the module docstring (a no-op for CPU tensors)."""
+    operations and offload moves exact bytes. See the module docstring for the policies."""
     _check(recompute, offload)
-    if offload is not None and any(isinstance(a, torch.Tensor) and a.is_cuda for a in tree_flatten((args, kwargs))[0]):
-        raise NotImplementedError(f"offload={offload!r} for CUDA tensors is not available yet; pass offload=None")
+    if pool is not None and not isinstance(pool, PinnedPool):
+        raise TypeError(f"pool must be a PinnedPool or None, got {type(pool).__name__}")
+    if offload is None:
+        return _with_recompute(fn, recompute, args, kwargs)
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    with OFFLOADER.block(offload, inputs, pool):
+        return _with_recompute(fn, recompute, args, kwargs)
+
+
+def _with_recompute(fn, recompute: str, args, kwargs):
     if recompute == "none":
         return fn(*args, **kwargs)
     context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy)
@@ -68,11 +95,14 @@ def offloaded_checkpoint(fn, *args, recompute: str = "selective", offload: str |
 
 
 def apply_memory_policy(model: torch.nn.Module, block_cls, recompute: str = "selective",
-                        offload: str | None = "inputs", every: int = 1, keep_last: int = 1) -> int:
+                        offload: str | None = "inputs", every: int = 1, keep_last: int = 1,
+                        pool: PinnedPool | None = None) -> int:
     """Wrap the forward of every `every`-th instance of block_cls in `model` (in module order),
     except the last `keep_last` ones (their activations are needed first in backward), with
     `offloaded_checkpoint`. Returns how many blocks were wrapped; wrapping twice is an error."""
     _check(recompute, offload)
+    if pool is not None and not isinstance(pool, PinnedPool):
+        raise TypeError(f"pool must be a PinnedPool or None, got {type(pool).__name__}")
     if not isinstance(every, int) or every < 1 or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"every must be >= 1 and keep_last >= 0, got every={every!r}, keep_last={keep_last!r}")
     blocks = [m for m in model.modules() if isinstance(m, block_cls)]
@@ -83,7 +113,8 @@ def apply_memory_policy(model: torch.nn.Module, block_cls, recompute: str = "sel
         if getattr(block, "_glm5v_memory_policy", None) is not None:
             raise ValueError("a memory policy is already applied to this model's blocks")
         block._glm5v_memory_policy = (recompute, offload)
-        block.forward = functools.partial(offloaded_checkpoint, block.forward, recompute=recompute, offload=offload)
+        block.forward = functools.partial(offloaded_checkpoint, block.forward, recompute=recompute, offload=offload,
+                                          pool=pool)
     return len(chosen)
 
 
@@ -127,3 +158,7 @@ def saved_bytes(fn, *args, **kwargs) -> int:
     total = sum(nbytes for ptr, nbytes in tracker.alive().items() if ptr not in before and ptr not in returned)
     del out
     return total
+
+
+__all__ = ["OffloadStats", "PinnedPool", "apply_memory_policy", "mark_not_offload", "no_offload",
+           "offloaded_checkpoint", "reset_stats", "saved_bytes", "selective_policy", "stats"]
