@@ -9,8 +9,10 @@ from glm5v_kernels import compat, data, memory, nn, optim
 from glm5v_kernels.ops.attention import VarlenPlan, rotary_1d, rotary_2d, varlen_attention, varlen_plan
 from glm5v_kernels.ops.mtp import embed_with_placeholder, fused_linear_cross_entropy, merge_visual_embeddings, mtp_roll
 from glm5v_kernels.ops.muon import newton_schulz
+from glm5v_kernels.ops.siglip import siglip_loss
 
 __version__ = "0.1.0"
 __all__ = ["compat", "data", "memory", "nn", "optim", "newton_schulz",
            "varlen_attention", "varlen_plan", "VarlenPlan", "rotary_1d", "rotary_2d",
-           "fused_linear_cross_entropy", "embed_with_placeholder", "merge_visual_embeddings", "mtp_roll"]
+           "fused_linear_cross_entropy", "embed_with_placeholder", "merge_visual_embeddings", "mtp_roll",
+           "siglip_loss"]
