@@ -58,8 +58,15 @@ for _name in ("_scaled_dot_product_cudnn_attention", "_flash_attention_forward",
         SAVE_OPS.add(getattr(_aten, _name).default)
 
 
+# glm5v's own custom ops kept by "selective", by name (so this module needs no kernel imports):
+# the fused attention forward returns the output and its log-sum-exp, all its backward needs.
+SAVE_OP_NAMES = {"glm5v::varlen_attention_fwd"}
+
+
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    if op in SAVE_OPS or op.name() in SAVE_OP_NAMES:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _check(recompute: str, offload) -> None:

@@ -96,3 +96,27 @@ def test_bad_arguments(kwargs, match):
 def test_no_blocks_is_an_error():
     with pytest.raises(ValueError, match="no Block modules"):
         apply_memory_policy(nn.Linear(2, 2), Block)
+
+
+@pytest.mark.interpreter
+def test_selective_keeps_the_fused_attention_output(monkeypatch):
+    """Under "selective", backward reuses the fused attention's saved output and log-sum-exp
+    instead of running the attention forward again; gradients stay bit-identical."""
+    from glm5v_kernels import varlen_plan
+    from glm5v_kernels._backend import use_backend
+    from glm5v_kernels.nn import QKNormAttention
+    from glm5v_kernels.ops.attention import op
+
+    forwards = []
+    original = op.kernels.attention_forward
+    monkeypatch.setattr(op.kernels, "attention_forward", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    layer = QKNormAttention(64, 4)
+    x = torch.randn(40, 64, requires_grad=True)
+    plan = varlen_plan(torch.tensor([0, 15, 40], dtype=torch.int32))
+    with use_backend("interpret"):
+        wrapped = torch.autograd.grad(offloaded_checkpoint(layer, x, plan=plan, offload=None).sum(),
+                                      [x, *layer.parameters()])
+        assert len(forwards) == 1
+        plain = torch.autograd.grad(layer(x, plan=plan).sum(), [x, *layer.parameters()])
+    for a, b in zip(wrapped, plain):
+        assert torch.equal(a, b)
