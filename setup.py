@@ -73,7 +73,7 @@ host = Pybind11Extension(
     cxx_std=17,
     extra_compile_args=["-O3", "-pthread", "-fvisibility=hidden"],
     extra_link_args=["-pthread"],
-    depends=sorted(glob("csrc/host/*.h")),
+    depends=sorted(glob("csrc/host/*.h") + glob("csrc/common/*.h")),
 )
 
 setup(ext_modules=[host], cmdclass={"build_ext": NinjaBuildExt})

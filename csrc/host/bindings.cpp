@@ -72,23 +72,15 @@ py::array_t<int64_t> naflex_target_sizes(const py::array& sizes, int64_t patch_s
   return out;
 }
 
-void naflex_pack(const py::list& images, const py::array& targets, const py::array& cu_seqlens,
-                 const py::array& mean, const py::array& std, int64_t patch_size, const std::string& resample,
-                 py::array& patches,
-                 py::array& position_ids, int num_threads) {
+// Views of images[i] (uint8 (H, W, C) arrays) and their targets, checked against patch_size.
+void frame_views(const py::list& images, const py::array& targets, int64_t patch_size,
+                 std::vector<naflex::ImageView>& views, std::vector<naflex::Size>& sizes) {
   const auto n = static_cast<py::ssize_t>(images.size());
   require(patch_size >= 1, "patch_size must be >= 1");
   require_array<int64_t>(targets, "targets", {n, 2}, false);
-  require_array<int32_t>(cu_seqlens, "cu_seqlens", {n + 1}, false);
-  require_array<float>(mean, "mean", {3}, false);
-  require_array<float>(std, "std", {3}, false);
-  const naflex::Filter filter = naflex::parse_filter(resample);
-
   const int64_t* target_data = static_cast<const int64_t*>(targets.data());
-  const int32_t* cu = static_cast<const int32_t*>(cu_seqlens.data());
-  require(cu[0] == 0, "cu_seqlens[0] must be 0");
-  std::vector<naflex::ImageView> views(n);
-  std::vector<naflex::Size> sizes(n);
+  views.resize(n);
+  sizes.resize(n);
   for (py::ssize_t i = 0; i < n; ++i) {
     const py::array image = py::reinterpret_borrow<py::array>(images[i]);
     require(py::isinstance<py::array_t<uint8_t>>(images[i]) && image.dtype().is(py::dtype::of<uint8_t>()) &&
@@ -104,22 +96,90 @@ void naflex_pack(const py::list& images, const py::array& targets, const py::arr
     require(sizes[i].height >= patch_size && sizes[i].width >= patch_size && sizes[i].height % patch_size == 0 &&
                 sizes[i].width % patch_size == 0,
             "targets[" + std::to_string(i) + "] must be positive multiples of patch_size");
-    require(cu[i + 1] - cu[i] == (sizes[i].height / patch_size) * (sizes[i].width / patch_size),
-            "cu_seqlens does not match the patch grids of targets at image " + std::to_string(i));
   }
-  const py::ssize_t total = cu[n];
-  require_array<float>(patches, "patches", {total, patch_size * patch_size * 3}, true);
-  require_array<int32_t>(position_ids, "position_ids", {total, 2}, true);
+}
+
+// Checks the packed outputs and runs naflex::pack with the GIL released.
+void run_pack(const std::vector<naflex::ImageView>& views, const std::vector<naflex::Size>& sizes,
+              const std::vector<naflex::FrameSlot>& slots, const naflex_math::PatchLayout& layout, py::ssize_t total,
+              const py::array& mean, const py::array& std, const std::string& resample, py::array& patches,
+              py::array& position_ids, int id_width, int num_threads) {
+  require_array<float>(mean, "mean", {3}, false);
+  require_array<float>(std, "std", {3}, false);
+  const naflex::Filter filter = naflex::parse_filter(resample);
+  require_array<float>(patches, "patches", {total, naflex_math::patch_dim(layout)}, true);
+  require_array<int32_t>(position_ids, "position_ids", {total, id_width}, true);
   float* patch_data = static_cast<float*>(patches.mutable_data());
   int32_t* id_data = static_cast<int32_t*>(position_ids.mutable_data());
 
   advise_huge_pages(patch_data, static_cast<size_t>(patches.nbytes()));
 
-  // The list keeps every image alive; nothing below touches Python objects.
+  // The caller's list keeps every image alive; nothing below touches Python objects.
   py::gil_scoped_release release;
-  naflex::pack(views, sizes, cu, static_cast<const float*>(mean.data()), static_cast<const float*>(std.data()),
-               patch_size, filter, patch_data, id_data,
+  naflex::pack(views, sizes, slots, layout, static_cast<const float*>(mean.data()),
+               static_cast<const float*>(std.data()), filter, patch_data, id_data, id_width,
                num_threads > 0 ? num_threads : default_num_threads());
+}
+
+void naflex_pack(const py::list& images, const py::array& targets, const py::array& cu_seqlens,
+                 const py::array& mean, const py::array& std, int64_t patch_size, const std::string& resample,
+                 py::array& patches, py::array& position_ids, int num_threads) {
+  const auto n = static_cast<py::ssize_t>(images.size());
+  std::vector<naflex::ImageView> views;
+  std::vector<naflex::Size> sizes;
+  frame_views(images, targets, patch_size, views, sizes);
+  require_array<int32_t>(cu_seqlens, "cu_seqlens", {n + 1}, false);
+  const int32_t* cu = static_cast<const int32_t*>(cu_seqlens.data());
+  require(cu[0] == 0, "cu_seqlens[0] must be 0");
+  std::vector<naflex::FrameSlot> slots(n);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    require(cu[i + 1] - cu[i] == (sizes[i].height / patch_size) * (sizes[i].width / patch_size),
+            "cu_seqlens does not match the patch grids of targets at image " + std::to_string(i));
+    slots[i] = {cu[i], 0, 0};
+  }
+  run_pack(views, sizes, slots, {patch_size, 1, 1, false}, cu[n], mean, std, resample, patches, position_ids, 2,
+           num_threads);
+}
+
+void naflex_pack_video(const py::list& frames, const py::array& targets, const py::array& slots,
+                       const py::array& mean, const py::array& std, int64_t patch_size,
+                       int64_t temporal_patch_size, int64_t merge_size, const std::string& resample,
+                       py::array& patches, py::array& position_ids, int num_threads) {
+  const auto n = static_cast<py::ssize_t>(frames.size());
+  std::vector<naflex::ImageView> views;
+  std::vector<naflex::Size> sizes;
+  frame_views(frames, targets, patch_size, views, sizes);
+  require(temporal_patch_size >= 1 && merge_size >= 1, "temporal_patch_size and merge_size must be >= 1");
+  require_array<int64_t>(slots, "slots", {n, 3}, false);
+  require(patches.ndim() == 2, "patches must be 2-D");
+  const py::ssize_t total = patches.shape(0);
+  const int64_t* slot_data = static_cast<const int64_t*>(slots.data());
+  std::vector<naflex::FrameSlot> frame_slots(n);
+  for (py::ssize_t i = 0; i < n; ++i) {
+    const naflex::FrameSlot s{slot_data[3 * i], slot_data[3 * i + 1], slot_data[3 * i + 2]};
+    const int64_t grid_height = sizes[i].height / patch_size, grid_width = sizes[i].width / patch_size;
+    require(grid_height % merge_size == 0 && grid_width % merge_size == 0,
+            "targets[" + std::to_string(i) + "] must be multiples of patch_size * merge_size");
+    require(s.first_patch >= 0 && s.first_patch + grid_height * grid_width <= total && s.t_slot >= 0 &&
+                s.t_slot < temporal_patch_size,
+            "slots[" + std::to_string(i) + "] lies outside patches or the temporal group");
+    frame_slots[i] = s;
+  }
+  run_pack(views, sizes, frame_slots, {patch_size, temporal_patch_size, merge_size, true}, total, mean, std,
+           resample, patches, position_ids, 3, num_threads);
+}
+
+py::array_t<int64_t> naflex_kernel_sizes(const py::array& sizes, const std::string& resample) {
+  require_array<int64_t>(sizes, "sizes", {-1, 2}, false);
+  const int filter = static_cast<int>(naflex::parse_filter(resample));
+  const auto n = sizes.shape(0);
+  py::array_t<int64_t> out(n);
+  const int64_t* in = static_cast<const int64_t*>(sizes.data());
+  for (py::ssize_t i = 0; i < n; ++i) {
+    require(in[2 * i] >= 1 && in[2 * i + 1] >= 1, "sizes must be >= 1");
+    out.mutable_data()[i] = in[2 * i] == in[2 * i + 1] ? 1 : naflex_math::kernel_size(in[2 * i], in[2 * i + 1], filter);
+  }
+  return out;
 }
 
 const double* optional_vector(const py::object& value, py::ssize_t length, const char* name) {
@@ -191,4 +251,12 @@ PYBIND11_MODULE(_host, m) {
         py::arg("mean"), py::arg("std"), py::arg("patch_size"), py::arg("resample"), py::arg("patches"), py::arg("position_ids"),
         py::arg("num_threads"),
         "Resizes, normalises and patchifies uint8 (H, W, C) images into preallocated packed buffers.");
+  m.def("naflex_pack_video", &naflex_pack_video, py::arg("frames"), py::arg("targets"), py::arg("slots"),
+        py::arg("mean"), py::arg("std"), py::arg("patch_size"), py::arg("temporal_patch_size"),
+        py::arg("merge_size"), py::arg("resample"), py::arg("patches"), py::arg("position_ids"),
+        py::arg("num_threads"),
+        "Video frames into (patches, 3 * T * p * p) float32 channel-major temporal patches; slots (n, 3) int64 "
+        "holds (first patch of the frame's group, slot in the group, group index) per frame.");
+  m.def("naflex_kernel_sizes", &naflex_kernel_sizes, py::arg("sizes"), py::arg("resample"),
+        "(n, 2) int64 (in_size, out_size) -> (n,) int64 taps of the widest resampling window (1: not resized).");
 }

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <stdexcept>
 
+#include "common/naflex_math.h"
 #include "parallel.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -13,54 +14,16 @@
 #endif
 
 namespace glm5v::naflex {
+
+static_assert(static_cast<int>(Filter::Box) == naflex_math::kBox && static_cast<int>(Filter::Bilinear) ==
+              naflex_math::kBilinear && static_cast<int>(Filter::Bicubic) == naflex_math::kBicubic &&
+              static_cast<int>(Filter::Lanczos) == naflex_math::kLanczos, "Filter ids are naflex_math's");
+
 namespace {
 
-// Pillow's fixed-point precision for 8-bit images: 32 - 8 (value) - 2 (headroom) bits.
-constexpr int kPrecisionBits = 22;
-constexpr int32_t kHalf = 1 << (kPrecisionBits - 1);
-
-double box_filter(double x) { return (x > -0.5 && x <= 0.5) ? 1.0 : 0.0; }
-
-double bilinear_filter(double x) {
-  if (x < 0.0) x = -x;
-  return x < 1.0 ? 1.0 - x : 0.0;
-}
-
-double bicubic_filter(double x) {
-  constexpr double a = -0.5;
-  if (x < 0.0) x = -x;
-  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
-  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
-  return 0.0;
-}
-
-double sinc(double x) {
-  if (x == 0.0) return 1.0;
-  x *= M_PI;
-  return std::sin(x) / x;
-}
-
-double lanczos_filter(double x) { return (x >= -3.0 && x < 3.0) ? sinc(x) * sinc(x / 3) : 0.0; }
-
-struct FilterSpec {
-  double (*fn)(double);
-  double support;
-};
-
-FilterSpec filter_spec(Filter filter) {
-  switch (filter) {
-    case Filter::Box: return {box_filter, 0.5};
-    case Filter::Bilinear: return {bilinear_filter, 1.0};
-    case Filter::Bicubic: return {bicubic_filter, 2.0};
-    case Filter::Lanczos: return {lanczos_filter, 3.0};
-  }
-  throw std::invalid_argument("unknown filter");
-}
-
-inline uint8_t clip8(int32_t accumulated) {
-  const int32_t value = accumulated >> kPrecisionBits;
-  return static_cast<uint8_t>(value < 0 ? 0 : (value > 255 ? 255 : value));
-}
+using naflex_math::clip8;
+using naflex_math::kHalf;
+using naflex_math::kPrecisionBits;
 
 int64_t scaled_side(double scale, int64_t size, int64_t unit) {
   const double scaled = static_cast<double>(size) * scale;
@@ -85,8 +48,7 @@ struct ImagePlan {
   std::vector<int16_t> octet_weights;
   int64_t octets_per_output = 0;
   bool resize_width = false, resize_height = false;
-  // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
-  // pixels as the width; each pass rounds to 8 bits, so the order is part of the result.
+  // Pillow 13's pass order (naflex_math::vertical_first).
   bool vertical_first = false;
 };
 
@@ -94,8 +56,7 @@ ImagePlan make_plan(const ImageView& image, const Size& out, Filter filter) {
   ImagePlan plan;
   plan.resize_width = out.width != image.width;
   plan.resize_height = out.height != image.height;
-  const int64_t height_drop = image.height - out.height, width_drop = image.width - out.width;
-  plan.vertical_first = height_drop > 0 && height_drop > width_drop * 2;
+  plan.vertical_first = naflex_math::vertical_first(image.height, image.width, out.height, out.width);
   if (plan.resize_height) plan.vertical = resample_coefficients(image.height, out.height, filter);
   if (plan.resize_width) {
     const Coefficients& k = plan.horizontal = resample_coefficients(image.width, out.width, filter);
@@ -136,17 +97,8 @@ const uint8_t* rgb_row(const ImageView& image, int64_t r, uint8_t* dst) {
 void resample_row_horizontal_scalar(const uint8_t* src, uint8_t* dst, const Coefficients& k, int64_t x_begin,
                                     int64_t x_end) {
   for (int64_t x = x_begin; x < x_end; ++x) {
-    const int32_t* w = &k.weights[x * k.ksize];
     const uint8_t* s = src + static_cast<int64_t>(k.first[x]) * 3;
-    int32_t r = kHalf, g = kHalf, b = kHalf;
-    for (int32_t t = 0; t < k.count[x]; ++t) {
-      r += s[3 * t + 0] * w[t];
-      g += s[3 * t + 1] * w[t];
-      b += s[3 * t + 2] * w[t];
-    }
-    dst[3 * x + 0] = clip8(r);
-    dst[3 * x + 1] = clip8(g);
-    dst[3 * x + 2] = clip8(b);
+    for (int c = 0; c < 3; ++c) dst[3 * x + c] = naflex_math::resample_value(s + c, 3, &k.weights[x * k.ksize], k.count[x]);
   }
 }
 
@@ -301,9 +253,7 @@ Normalization make_normalization(const float* mean, const float* std, int64_t pa
   Normalization n;
   for (int c = 0; c < 3; ++c) {
     for (int v = 0; v < 256; ++v) {
-      // float32 of the float64 product, then float32 arithmetic: the steps of the HF processor
-      const float scaled = static_cast<float>(static_cast<double>(v) * (1.0 / 255.0));
-      n.lut[c * 256 + v] = (scaled - mean[c]) / std[c];
+      n.lut[c * 256 + v] = naflex_math::normalize(v, mean[c], std[c]);
     }
   }
   for (int64_t j = 0; j < patch_size * 3; ++j) {
@@ -313,16 +263,32 @@ Normalization make_normalization(const float* mean, const float* std, int64_t pa
   return n;
 }
 
+// Where one frame's values go: from patch first_patch on, at slot t_slot of its group, in layout.
+struct Destination {
+  int64_t first_patch, t_slot;
+  const naflex_math::PatchLayout* layout;
+};
+
 // Normalises one resized RGB row y and scatters it into its patches.
-void emit_row_scalar(const uint8_t* values, int64_t y, int64_t grid_width, int64_t first_patch,
-                     const Normalization& norm, int64_t patch_size, float* patches) {
-  const int64_t patch_row_len = patch_size * 3;
+void emit_row_scalar(const uint8_t* values, int64_t y, int64_t grid_width, const Destination& to,
+                     const Normalization& norm, float* patches) {
+  const naflex_math::PatchLayout& layout = *to.layout;
+  const int64_t patch_size = layout.patch_size, patch_row_len = patch_size * 3;
   const int64_t patch_row = y / patch_size, row_in_patch = y % patch_size;
   const float* lut = norm.lut;
   for (int64_t patch_col = 0; patch_col < grid_width; ++patch_col) {
-    const int64_t patch = first_patch + patch_row * grid_width + patch_col;
-    float* dst = patches + patch * patch_size * patch_row_len + row_in_patch * patch_row_len;
+    const int64_t patch = to.first_patch + naflex_math::patch_index(layout, patch_row, patch_col, grid_width);
+    float* dst = patches + patch * naflex_math::patch_dim(layout);
     const uint8_t* src = values + patch_col * patch_row_len;
+    if (layout.channel_major) {
+      for (int c = 0; c < 3; ++c) {
+        float* channel = dst + naflex_math::value_offset(layout, row_in_patch, 0, c, to.t_slot);
+        for (int64_t x = 0; x < patch_size; ++x) channel[x] = lut[256 * c + src[3 * x + c]];
+      }
+      continue;
+    }
+    // Channel-last: a patch row is patch_row_len consecutive values.
+    dst += naflex_math::value_offset(layout, row_in_patch, 0, 0, to.t_slot);
     for (int64_t j = 0; j < patch_row_len; j += 3) {
       dst[j + 0] = lut[src[j + 0]];
       dst[j + 1] = lut[256 + src[j + 1]];
@@ -335,15 +301,18 @@ void emit_row_scalar(const uint8_t* values, int64_t y, int64_t grid_width, int64
 // The same values computed 16 at a time: bytes -> float64 products -> float32, minus mean,
 // divided by std; IEEE operations in the same order as the table, so the same bits.
 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void emit_row_avx512(
-    const uint8_t* values, int64_t y, int64_t grid_width, int64_t first_patch, const Normalization& norm,
-    int64_t patch_size, float* patches) {
-  const int64_t patch_row_len = patch_size * 3;
+    const uint8_t* values, int64_t y, int64_t grid_width, const Destination& to, const Normalization& norm,
+    float* patches) {
+  const naflex_math::PatchLayout& layout = *to.layout;
+  if (layout.channel_major) return emit_row_scalar(values, y, grid_width, to, norm, patches);
+  const int64_t patch_size = layout.patch_size, patch_row_len = patch_size * 3;
   const int64_t patch_row = y / patch_size, row_in_patch = y % patch_size;
   const __m512d inv255 = _mm512_set1_pd(1.0 / 255.0);
   const __m512 ones = _mm512_set1_ps(1.0f);
   for (int64_t patch_col = 0; patch_col < grid_width; ++patch_col) {
-    const int64_t patch = first_patch + patch_row * grid_width + patch_col;
-    float* dst = patches + patch * patch_size * patch_row_len + row_in_patch * patch_row_len;
+    const int64_t patch = to.first_patch + naflex_math::patch_index(layout, patch_row, patch_col, grid_width);
+    float* dst = patches + patch * naflex_math::patch_dim(layout) +
+                 naflex_math::value_offset(layout, row_in_patch, 0, 0, to.t_slot);
     const uint8_t* src = values + patch_col * patch_row_len;
     for (int64_t j = 0; j < patch_row_len; j += 16) {
       const int64_t remaining = patch_row_len - j;
@@ -367,7 +336,7 @@ using HorizontalKernel = void (*)(const uint8_t* const*, uint8_t* const*, const 
                                   int64_t, int64_t);
 
 // Normalises and scatters one resized row (see emit_row_scalar).
-using EmitRow = void (*)(const uint8_t*, int64_t, int64_t, int64_t, const Normalization&, int64_t, float*);
+using EmitRow = void (*)(const uint8_t*, int64_t, int64_t, const Destination&, const Normalization&, float*);
 
 // One instruction set's horizontal resampler and row emitter.
 struct NamedKernel {
@@ -429,9 +398,11 @@ void resample_row_vertical(const uint8_t* const* rows, int64_t first_row, const 
 }
 
 void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, const Band& band,
-               int64_t first_patch, const Normalization& norm, int64_t patch_size, float* patches,
-               int32_t* position_ids) {
+               const FrameSlot& slot, const naflex_math::PatchLayout& layout, const Normalization& norm,
+               float* patches, int32_t* position_ids, int id_width) {
   const EmitRow emit_row = selected_emitter();
+  const int64_t patch_size = layout.patch_size;
+  const Destination to{slot.first_patch, slot.t_slot, &layout};
   const int64_t in_row_len = image.width * 3, out_row_len = out.width * 3;
   const int64_t grid_width = out.width / patch_size;
   const int64_t y_begin = band.first_patch_row * patch_size;
@@ -494,13 +465,17 @@ void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, c
       resample_rows_horizontal(values, resized_rows, plan.horizontal, plan, 0, out.width);
       for (int64_t i = 0; i < group; ++i) values[i] = resized_rows[i];
     }
-    for (int64_t i = 0; i < group; ++i) emit_row(values[i], y + i, grid_width, first_patch, norm, patch_size, patches);
+    for (int64_t i = 0; i < group; ++i) emit_row(values[i], y + i, grid_width, to, norm, patches);
   }
 
+  // One frame of a group writes the group's position ids: (row, col), or (t, row, col) for video.
+  if (slot.t_slot != 0) return;
   for (int64_t patch_row = band.first_patch_row; patch_row < band.first_patch_row + band.num_patch_rows;
        ++patch_row) {
     for (int64_t patch_col = 0; patch_col < grid_width; ++patch_col) {
-      int32_t* ids = position_ids + 2 * (first_patch + patch_row * grid_width + patch_col);
+      const int64_t patch = slot.first_patch + naflex_math::patch_index(layout, patch_row, patch_col, grid_width);
+      int32_t* ids = position_ids + id_width * patch;
+      if (id_width == 3) *ids++ = static_cast<int32_t>(slot.t_group);
       ids[0] = static_cast<int32_t>(patch_row);
       ids[1] = static_cast<int32_t>(patch_col);
     }
@@ -557,43 +532,25 @@ Size target_size(int64_t height, int64_t width, int64_t patch_size, int64_t merg
 }
 
 Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter) {
-  const FilterSpec spec = filter_spec(filter);
-  const double scale = static_cast<double>(in_size) / static_cast<double>(out_size);
-  const double filterscale = scale < 1.0 ? 1.0 : scale;
-  const double support = spec.support * filterscale;
+  const int id = static_cast<int>(filter);
   Coefficients k;
-  k.ksize = static_cast<int64_t>(std::ceil(support)) * 2 + 1;
+  k.ksize = naflex_math::kernel_size(in_size, out_size, id);
   k.first.resize(out_size);
   k.count.resize(out_size);
   k.weights.assign(static_cast<size_t>(out_size * k.ksize), 0);
-  std::vector<double> w(static_cast<size_t>(k.ksize));
-  const double ss = 1.0 / filterscale;
   for (int64_t xx = 0; xx < out_size; ++xx) {
-    const double center = (xx + 0.5) * scale;
-    int64_t xmin = static_cast<int64_t>(center - support + 0.5);
-    if (xmin < 0) xmin = 0;
-    int64_t xmax = static_cast<int64_t>(center + support + 0.5);
-    if (xmax > in_size) xmax = in_size;
-    xmax -= xmin;
-    double total = 0.0;
-    for (int64_t x = 0; x < xmax; ++x) {
-      w[x] = spec.fn((x + xmin - center + 0.5) * ss);
-      total += w[x];
-    }
-    for (int64_t x = 0; x < xmax; ++x) {
-      const double normalised = total != 0.0 ? w[x] / total : w[x];
-      const double fixed = normalised * (1 << kPrecisionBits);
-      k.weights[xx * k.ksize + x] = static_cast<int32_t>(normalised < 0 ? -0.5 + fixed : 0.5 + fixed);
-    }
-    k.first[xx] = static_cast<int32_t>(xmin);
-    k.count[xx] = static_cast<int32_t>(xmax);
+    const naflex_math::Window w = naflex_math::window(in_size, out_size, id, xx);
+    for (int32_t t = 0; t < w.count; ++t) k.weights[xx * k.ksize + t] = naflex_math::fixed_weight(w, id, t);
+    k.first[xx] = w.first;
+    k.count[xx] = w.count;
   }
   return k;
 }
 
-void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets,
-          const int32_t* cu_seqlens, const float* mean, const float* std, int64_t patch_size, Filter filter,
-          float* patches, int32_t* position_ids, int num_threads) {
+void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets, const std::vector<FrameSlot>& slots,
+          const naflex_math::PatchLayout& layout, const float* mean, const float* std, Filter filter, float* patches,
+          int32_t* position_ids, int id_width, int num_threads) {
+  const int64_t patch_size = layout.patch_size;
   const int64_t num_images = static_cast<int64_t>(images.size());
   std::vector<ImagePlan> plans(num_images);
   parallel_for(num_images, num_threads, [&](int64_t i) { plans[i] = make_plan(images[i], targets[i], filter); });
@@ -614,8 +571,8 @@ void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets
   }
   parallel_for(static_cast<int64_t>(bands.size()), num_threads, [&](int64_t b) {
     const Band& band = bands[b];
-    pack_band(images[band.image], targets[band.image], plans[band.image], band, cu_seqlens[band.image], norm,
-              patch_size, patches, position_ids);
+    pack_band(images[band.image], targets[band.image], plans[band.image], band, slots[band.image], layout, norm,
+              patches, position_ids, id_width);
   });
 }
 

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "common/naflex_math.h"
+
 namespace glm5v::naflex {
 
 enum class Filter { Box, Bilinear, Bicubic, Lanczos };
@@ -44,14 +46,20 @@ struct Coefficients {
 
 Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter);
 
+// Where frame i's values go: patches first_patch onwards (its group's), slot t_slot of the group's
+// temporal_patch_size frames; t_group is the group's index, written into (t, row, col) ids.
+struct FrameSlot {
+  int64_t first_patch, t_slot, t_group;
+};
+
 // Resizes images[i] to targets[i], normalises every value v of channel c to
-// (float32(v / 255) - mean[c]) / std[c] in float32 (the HF processor's steps) and writes
-// patch rows of patch_size * patch_size * 3 floats, laid out (row, col, channel) within a patch and
-// patches in row-major order, from patch index cu_seqlens[i]. position_ids receives (row, col)
-// of every patch. Work is split into bands of patch rows shared by num_threads threads.
-void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets,
-          const int32_t* cu_seqlens, const float* mean, const float* std, int64_t patch_size, Filter filter,
-          float* patches, int32_t* position_ids, int num_threads);
+// (float32(v / 255) - mean[c]) / std[c] in float32 (the HF processor's steps) and writes it into
+// patches at the place layout gives (naflex_math::patch_index and value_offset) from slots[i].
+// The frames with t_slot 0 write position_ids: id_width 2 gives (row, col) of every patch, id_width
+// 3 (t_group, row, col). Work is split into bands of patch rows shared by num_threads threads.
+void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets, const std::vector<FrameSlot>& slots,
+          const naflex_math::PatchLayout& layout, const float* mean, const float* std, Filter filter, float* patches,
+          int32_t* position_ids, int id_width, int num_threads);
 
 // The horizontal pass has vectorised kernels ("avx512", "avx2") and a portable one ("scalar"),
 // all exact; the fastest one the CPU runs is used unless another is selected (tests run each).
