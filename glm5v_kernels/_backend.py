@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
+    "can_read_values",
     "forced_backend",
     "host_module",
     "interpreter_enabled",
@@ -178,6 +179,14 @@ def select_backend(*tensors: torch.Tensor | None) -> str:
             "glm5v_kernels)"
         )
     return "interpret"
+
+
+def can_read_values(tensor: torch.Tensor) -> bool:
+    """Whether input checks may read `tensor`'s values: on the CPU outside torch.compile, where it
+    costs neither a device sync nor a graph break."""
+    import torch
+
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def host_module() -> ModuleType:

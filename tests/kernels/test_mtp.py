@@ -211,7 +211,8 @@ def test_under_torch_compile(backend):
         x = h + embed_with_placeholder(ids, w, is_visual, 3, norm_weight=torch.ones(16, device=DEVICE))
         return fused_linear_cross_entropy(x, w, targets, label_smoothing=0.1, softcap=5.0)
 
-    compiled = torch.compile(loss_fn)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_fn, fullgraph=True)
     with use_backend(backend):
         out, grads = run_and_grad(compiled, (hidden, weight), None)
         expected, expected_grads = run_and_grad(loss_fn, (hidden, weight), None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from glm5v_kernels._backend import select_backend
+from glm5v_kernels._backend import can_read_values, select_backend
 from glm5v_kernels.ops.attention import reference
 from glm5v_kernels.ops.attention.plan import PLAN_BLOCKS, VarlenPlan, varlen_plan
 from glm5v_kernels.ops.attention.rotary import rotary_1d, rotary_2d
@@ -50,8 +50,8 @@ def _check_inputs(q, k, v, cu_seqlens, max_seqlen) -> None:
 
 
 def _check_boundaries(cu_seqlens, total: int, max_seqlen: int) -> None:
-    """Values of cu_seqlens (reads them on the host: skipped for CUDA tensors, whose checks come
-    from the plan, built once per batch)."""
+    """Values of cu_seqlens, read on the host: skipped for CUDA tensors (a device sync) and under
+    torch.compile (a graph break); a plan, built once per batch, checks them there."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {bounds[0]}")
@@ -134,7 +134,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
     if plan is not None:
         _check_plan(plan, cu_seqlens, total)
         max_seqlen = max(max_seqlen, plan.max_seqlen)
-    elif cu_seqlens.device.type == "cpu":
+    elif can_read_values(cu_seqlens):
         _check_boundaries(cu_seqlens, total, max_seqlen)
     scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
 

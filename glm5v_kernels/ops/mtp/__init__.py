@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from glm5v_kernels._backend import select_backend
+from glm5v_kernels._backend import can_read_values, select_backend
 from glm5v_kernels.ops.mtp import reference
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,7 +73,7 @@ def _linear_cross_entropy(hidden, weight, targets, bias, ignore_index, label_smo
     if softcap is not None and not softcap > 0.0:
         raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
     backend = select_backend(hidden, weight, bias, targets)
-    if targets.device.type == "cpu":
+    if can_read_values(targets):
         valid = targets[targets != ignore_index]
         if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= v):
             raise ValueError(f"targets must be in [0, V) = [0, {v}) or equal ignore_index ({ignore_index}), "
@@ -183,7 +183,7 @@ def embed_with_placeholder(input_ids: torch.Tensor, weight: torch.Tensor, is_vis
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     backend = select_backend(input_ids, weight, is_visual, norm_weight)
-    if input_ids.device.type == "cpu":
+    if can_read_values(input_ids):
         text = input_ids[~is_visual]
         if text.numel() and (int(text.min()) < 0 or int(text.max()) >= v):
             raise ValueError(f"input_ids at non-visual positions must be in [0, V) = [0, {v}), got values in "
@@ -225,7 +225,7 @@ def merge_visual_embeddings(text_embeds: torch.Tensor, visual_embeds: torch.Tens
     select_backend(text_embeds, visual_embeds, is_visual)  # one device
     m = visual_embeds.shape[0]
     count = is_visual.sum()
-    if is_visual.device.type == "cpu":
+    if can_read_values(is_visual):
         if int(count) != m:
             raise ValueError(f"is_visual has {int(count)} visual positions but visual_embeds has {m} rows")
     else:
@@ -264,7 +264,7 @@ def mtp_roll(input_ids: torch.Tensor, labels: torch.Tensor, k: int, cu_seqlens: 
         if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in _INDEX_DTYPES:
             raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of at least 2 offsets, got shape "
                              f"{tuple(cu_seqlens.shape)} and {cu_seqlens.dtype}")
-        if cu_seqlens.device.type == "cpu":
+        if can_read_values(cu_seqlens):
             cu = cu_seqlens.tolist()
             if cu[0] != 0 or cu[-1] != length or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(f"cu_seqlens must rise monotonically from 0 to T = {length}, got {cu}")
