@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Chunk sizes of the CPU path: a 512 × 2048 float32 chunk is 4 MiB.
-ROW_CHUNK = 512
+# Chunk sizes of the CPU path: a 256 × 2048 float32 chunk is 2 MiB.
+ROW_CHUNK = 256
 COL_CHUNK = 2048
 
 
