@@ -433,6 +433,10 @@ def _looks_visual(key: str) -> bool:
 
 
 def _glm_ocr_config(state: dict[str, torch.Tensor], vision_json: dict, overrides: dict) -> CogViTConfig:
+    required = [_GLM_PATCH_KEY, "blocks.0.attn.q_norm.weight", "blocks.0.mlp.gate_proj.weight", "downsample.weight",
+                "merger.gate_proj.weight"]
+    if any(key not in state for key in required):
+        raise ValueError(f"not a GLM-OCR vision tower: missing {[k for k in required if k not in state]}")
     patch = state[_GLM_PATCH_KEY]  # (width, in_channels, t, p, p)
     width, in_channels, temporal, patch_size, _ = patch.shape
     depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
@@ -494,7 +498,9 @@ def glm_ocr_inputs(images: PackedImages, config: CogViTConfig) -> tuple[torch.Te
 def packed_from_glm_ocr(pixel_values: torch.Tensor, grid_thw: torch.Tensor, config: CogViTConfig) -> PackedImages:
     """GlmOcrVisionModel's input (pixel_values (N, c·t·p·p) block-major, grid_thw (n, 3)) ->
     PackedImages with one sequence per temporal patch (an entry with t > 1, a video, becomes t
-    consecutive sequences of h·w patches), rows (frame, row, col, channel), tokens row-major."""
+    consecutive sequences of h·w patches), rows (frame, row, col, channel), tokens row-major.
+    `glm5v_kernels.data.pack_video`'s PackedVideos holds this layout: pass its patches and
+    grid_thw."""
     merge_size = _glm_ocr_merge_size(config)
     if not isinstance(grid_thw, torch.Tensor) or grid_thw.ndim != 2 or grid_thw.shape[1] != 3 or not len(grid_thw):
         raise ValueError(f"grid_thw must be a non-empty (n, 3) tensor, got {getattr(grid_thw, 'shape', grid_thw)}")

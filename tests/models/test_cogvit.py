@@ -18,7 +18,7 @@ from glm5v.models.cogvit import (
     merge_slots,
     packed_from_glm_ocr,
 )
-from glm5v_kernels.data import NaFlexProcessor, PackedImages, interpolate_pos_embed, pack_images
+from glm5v_kernels.data import NaFlexProcessor, PackedImages, interpolate_pos_embed, pack_images, pack_video
 from glm5v_kernels.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
@@ -91,6 +91,14 @@ def test_matches_glm_ocr_on_videos_and_inputs_round_trip():
     again, grids = glm_ocr_inputs(images, model.config)
     assert torch.equal(again, pixel_values)
     assert grids.tolist() == [[1, 4, 6], [1, 2, 4], [1, 2, 4], [1, 2, 4], [1, 6, 2]]
+    # videos packed by pack_video arrive in GLM-OCR's layout
+    frames = [np.random.randint(0, 256, (5, 30, 44, 3), dtype=np.uint8), np.random.randint(0, 256, (2, 20, 20, 3),
+                                                                                           dtype=np.uint8)]
+    videos = pack_video(frames, NaFlexProcessor(patch_size=4, merge_size=2, max_num_patches=40))
+    with torch.no_grad():
+        out = model(packed_from_glm_ocr(videos.patches, videos.grid_thw, model.config))
+    merged, _ = run_reference(ref, videos.patches, videos.grid_thw)
+    assert_close(out.merged, merged, dtype=torch.float32, name="merged (pack_video)")
 
 
 @needs_glm_ocr
@@ -114,6 +122,8 @@ def test_from_glm_ocr_reads_checkpoints(tmp_path):
         assert torch.equal(value, expected[name]), name
     with pytest.raises(ValueError, match="one GLM-OCR vision tower"):
         CogViT.from_glm_ocr({"blocks.0.norm1.weight": torch.ones(4)})
+    with pytest.raises(ValueError, match=r"missing \['downsample.weight'\]"):
+        CogViT.from_glm_ocr({k: v for k, v in ref.state_dict().items() if not k.startswith("downsample")})
     with pytest.raises(ValueError, match="neither a file nor a directory"):
         CogViT.from_glm_ocr(tmp_path / "missing")
 
