@@ -4,6 +4,8 @@
   against a float64 reference) and :func:`assert_close_flash` (the flash-attention rule).
 - Poisoning: :func:`poison_` and :func:`empty_poisoned` fill outputs with NaN (or an integer
   sentinel) before a kernel runs, so an element the kernel never writes fails the comparison.
+- Where kernel tests run: :data:`TARGET` (the Triton kernels on a CUDA GPU, the Triton
+  interpreter on CPU tensors elsewhere), with the dtypes to test there and their tolerances.
 - Compile checks without a GPU: :func:`compile_for_sm90` compiles a ``@triton.jit`` kernel for an
   H100 and runs ptxas on it, :func:`compile_cuda_for_sm90` compiles a ``.cu`` file with nvcc, and
   :func:`assert_compiles_clean` checks either report for spills, shared memory and wgmma.
@@ -36,8 +38,11 @@ __all__ = [
     "CompileReport",
     "CudaCompileReport",
     "KernelResources",
+    "KernelTarget",
+    "TARGET",
     "assert_close",
     "assert_close_flash",
+    "dtype_id",
     "assert_compiles_clean",
     "compile_cuda_for_sm90",
     "compile_for_sm90",
@@ -59,6 +64,39 @@ TOLERANCES: dict[torch.dtype | str, float] = {
 }
 
 _WORST_SHOWN = 5
+
+
+@dataclass(frozen=True)
+class KernelTarget:
+    """Where kernel tests run: the compiled kernels on a CUDA GPU, the Triton interpreter on CPU
+    tensors elsewhere (bf16 only on the GPU: the interpreter's bf16 dots are wrong)."""
+
+    on_gpu: bool
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.on_gpu else "cpu"
+
+    @property
+    def backend(self) -> str:
+        return "triton" if self.on_gpu else "interpret"
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, ...]:
+        base = (torch.float32, torch.float16)
+        return base + (torch.bfloat16,) if self.on_gpu else base
+
+    def tolerance(self, dtype: torch.dtype) -> torch.dtype | str:
+        """The :data:`TOLERANCES` key for outputs of `dtype` (fp32 dots run as tf32 on a GPU)."""
+        return "tf32" if self.on_gpu and dtype == torch.float32 else dtype
+
+
+TARGET = KernelTarget(on_gpu=torch.cuda.is_available())
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    """Short test id of a dtype: fp32, fp16, bf16."""
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
 
 
 # --------------------------------------------------------------------------------------------------

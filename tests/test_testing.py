@@ -343,3 +343,15 @@ def test_nvcc_error_carries_compiler_message() -> None:
 @pytest.mark.parametrize("path", CUDA_SOURCES, ids=[p.name for p in CUDA_SOURCES])
 def test_csrc_cuda_compiles_for_sm90a(path: Path) -> None:
     assert_compiles_clean(compile_cuda_for_sm90(path))
+
+
+def test_kernel_target_follows_the_machine():
+    from glm5v_kernels.testing import TARGET, KernelTarget, dtype_id
+
+    assert TARGET.on_gpu == torch.cuda.is_available()
+    cpu, gpu = KernelTarget(on_gpu=False), KernelTarget(on_gpu=True)
+    assert (cpu.device, cpu.backend, gpu.device, gpu.backend) == ("cpu", "interpret", "cuda", "triton")
+    assert torch.bfloat16 not in cpu.dtypes and torch.bfloat16 in gpu.dtypes
+    assert cpu.tolerance(torch.float32) is torch.float32 and gpu.tolerance(torch.float32) == "tf32"
+    assert gpu.tolerance(torch.float16) is torch.float16
+    assert [dtype_id(d) for d in gpu.dtypes] == ["fp32", "fp16", "bf16"]

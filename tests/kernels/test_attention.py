@@ -17,14 +17,14 @@ from glm5v_kernels import rotary_1d, rotary_2d, varlen_attention, varlen_plan
 from glm5v_kernels._backend import use_backend
 from glm5v_kernels.compat import flash_attn_varlen_func
 from glm5v_kernels.ops.attention import reference
-from glm5v_kernels.testing import assert_close, assert_compiles_clean, compile_for_sm90, poison_
+from glm5v_kernels.testing import TARGET, assert_close, assert_compiles_clean, compile_for_sm90, dtype_id, poison_
 
 kernels = pytest.importorskip("glm5v_kernels.ops.attention.triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-BACKEND = "triton" if ON_GPU else "interpret"
-FP32_TOL = "tf32" if ON_GPU else torch.float32
+ON_GPU, DEVICE, BACKEND = TARGET.on_gpu, TARGET.device, TARGET.backend
+FP32_TOL = TARGET.tolerance(torch.float32)
+DTYPES = [pytest.param(dtype, id=dtype_id(dtype)) for dtype in TARGET.dtypes]
+tolerance = TARGET.tolerance
 
 
 def cu_seqlens_of(lengths, device=DEVICE) -> torch.Tensor:
@@ -89,14 +89,6 @@ def kernel_call(case: Case, q, k, v, params, tables, **kwargs):
                                 causal=case.causal, qk_norm=case.norm, rotary_interleaved=case.interleaved,
                                 **params, **tables, **kwargs)
 
-
-def tolerance(dtype):
-    return FP32_TOL if dtype == torch.float32 else dtype
-
-
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-if ON_GPU:
-    DTYPES.append(pytest.param(torch.bfloat16, id="bf16"))
 
 # Interpreter time grows with the tokens times the blocks they attend to: few heads, deliberate lengths.
 CASES = [

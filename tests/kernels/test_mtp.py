@@ -12,25 +12,25 @@ import torch.nn.functional as F
 from glm5v_kernels import embed_with_placeholder, fused_linear_cross_entropy, merge_visual_embeddings, mtp_roll
 from glm5v_kernels._backend import use_backend
 from glm5v_kernels.ops.mtp import reference
-from glm5v_kernels.testing import assert_close, assert_compiles_clean, compile_for_sm90, empty_poisoned, poison_
+from glm5v_kernels.testing import (
+    TARGET,
+    assert_close,
+    assert_compiles_clean,
+    compile_for_sm90,
+    dtype_id,
+    empty_poisoned,
+    poison_,
+)
 
 triton_ops = pytest.importorskip("glm5v_kernels.ops.mtp.triton")
 
-ON_GPU = torch.cuda.is_available()
-DEVICE = "cuda" if ON_GPU else "cpu"
-BACKEND = "triton" if ON_GPU else "interpret"
-# fp32 dots may run as tf32 on a GPU; the interpreter computes them in fp32.
-FP32_TOL = "tf32" if ON_GPU else torch.float32
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
-if ON_GPU:
-    DTYPES.append(pytest.param(torch.bfloat16, id="bf16"))
+ON_GPU, DEVICE, BACKEND = TARGET.on_gpu, TARGET.device, TARGET.backend
+FP32_TOL = TARGET.tolerance(torch.float32)
+DTYPES = [pytest.param(dtype, id=dtype_id(dtype)) for dtype in TARGET.dtypes]
+tolerance = TARGET.tolerance
 IGNORE = -100
 # Tiles small enough that the interpreter shapes below span several row blocks and vocabulary tiles.
 SMALL_TILES = triton_ops.Config(16, 64, 16, 16, 4, 1)
-
-
-def tolerance(dtype):
-    return FP32_TOL if dtype == torch.float32 else dtype
 
 
 # -- fused linear cross-entropy -------------------------------------------------------------------
