@@ -16,16 +16,13 @@ inputs exist; target: ours <= 25% of naive's.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from benchlib import cuda_synchronized, providers, record
+from benchlib import check_cpu_extra_memory, cuda_synchronized, providers, record
 from torch.utils.checkpoint import checkpoint
 
 from glm5v_kernels import fused_linear_cross_entropy
@@ -119,18 +116,10 @@ def test_fused_linear_cross_entropy(benchmark, provider, shape_name, ignored):
            target="time <= cut-cross-entropy's, extra memory <= 1.1x its; 60%-ignored >= 1.5x faster than 0%")
 
 
-_MEASURE = textwrap.dedent("""
-    import json, os, resource, sys, time
+_CPU_MAKE = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from glm5v_kernels import fused_linear_cross_entropy
-
-    provider, n, h, v = sys.argv[1], *map(int, sys.argv[2:5])
-    fn = fused_linear_cross_entropy if provider == "glm5v" else (
-        lambda a, w, t: F.cross_entropy(F.linear(a, w).float(), t, ignore_index=-100))
-
-    def rss():
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def make(n, h, v):
         torch.manual_seed(0)
@@ -139,45 +128,14 @@ _MEASURE = textwrap.dedent("""
         t = torch.randint(0, v, (n,))
         t[::5] = -100
         return a, w, t
-
-    a, w, t = make(64, 64, 512)  # first use of every operator (thread pools, kernels) at a tiny size
-    fn(a, w, t).backward()
-    a, w, t = make(n, h, v)
-    baseline = rss()
-    start = time.perf_counter()
-    loss = fn(a, w, t)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra_bytes": peak - baseline, "seconds": seconds, "loss": loss.item(),
-                      "grad_norm": (a.grad.norm() + w.grad.norm()).item()}))
 """)
-
-
-def measure_cpu(provider: str) -> dict:
-    env = {k: val for k, val in os.environ.items() if k not in ("GLM5V_BACKEND", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, provider, *map(str, CPU_SHAPE)], capture_output=True,
-                          text=True, env=env, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{provider} measurement failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_cpu_extra_memory(benchmark):
-    naive = measure_cpu("torch-naive")
-    ours = benchmark.pedantic(measure_cpu, args=("glm5v",), rounds=1, iterations=1)
-    ratio = ours["extra_bytes"] / naive["extra_bytes"]
     n, h, v = CPU_SHAPE
-    record(benchmark, group=f"mtp-lce-memory/cpu/{n}x{h}x{v}/fp32", provider="glm5v", ours=True,
-           peak_memory=ours["extra_bytes"], flops=6.0 * n * v * h, dtype=torch.float32,
-           extra_peak_memory_mib=round(ours["extra_bytes"] / 2**20, 1),
-           naive_extra_peak_memory_mib=round(naive["extra_bytes"] / 2**20, 1),
-           memory_ratio_to_naive=round(ratio, 4), memory_target=CPU_MEMORY_TARGET,
-           fwd_bwd_seconds=round(ours["seconds"], 2), naive_fwd_bwd_seconds=round(naive["seconds"], 2),
-           backend="torch (CPU: the chunked reference path)")
-    assert abs(ours["loss"] - naive["loss"]) <= 1e-5 * abs(naive["loss"]), (ours, naive)
-    assert abs(ours["grad_norm"] - naive["grad_norm"]) <= 1e-4 * naive["grad_norm"], (ours, naive)
-    assert ratio <= CPU_MEMORY_TARGET, (
-        f"extra peak memory {ours['extra_bytes'] / 2**20:.0f} MiB is {ratio:.1%} of naive's "
-        f"{naive['extra_bytes'] / 2**20:.0f} MiB (target <= {CPU_MEMORY_TARGET:.0%})")
+    check_cpu_extra_memory(
+        benchmark, group=f"mtp-lce-memory/cpu/{n}x{h}x{v}/fp32", make=_CPU_MAKE,
+        ours="fn = fused_linear_cross_entropy",
+        naive="fn = lambda a, w, t: F.cross_entropy(F.linear(a, w).float(), t, ignore_index=-100)",
+        sizes=CPU_SHAPE, warmup_sizes=(64, 64, 512), target=CPU_MEMORY_TARGET, flops=6.0 * n * v * h)

@@ -15,17 +15,14 @@ inputs exist; target: ours <= 15% of naive's (measured 7%: 27–29 MiB vs 386 Mi
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from benchlib import cuda_synchronized, providers, record
+from benchlib import check_cpu_extra_memory, cuda_synchronized, providers, record
 from torch.utils.checkpoint import checkpoint
 
 from glm5v_kernels import siglip_loss
@@ -95,23 +92,16 @@ def test_siglip_loss(benchmark, provider, size):
            target="extra memory O(B·D): <= 2% of naive's at B = 32K, time <= naive's")
 
 
-_MEASURE = textwrap.dedent("""
-    import json, math, os, resource, sys, time
+_CPU_MAKE = textwrap.dedent("""
+    import math
     import torch
     import torch.nn.functional as F
     from glm5v_kernels import siglip_loss
-
-    provider, b, d = sys.argv[1], *map(int, sys.argv[2:4])
 
     def naive(x, y, s, bias):
         z = s.exp() * (x @ y.T) + bias
         labels = 2 * torch.eye(x.shape[0]) - 1
         return -F.logsigmoid(labels * z).sum() / x.shape[0]
-
-    fn = siglip_loss if provider == "glm5v" else naive
-
-    def rss():
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def make(b, d):
         torch.manual_seed(0)
@@ -119,46 +109,12 @@ _MEASURE = textwrap.dedent("""
         y = F.normalize(torch.randn(b, d), dim=-1).requires_grad_()
         s = torch.tensor(math.log(10), requires_grad=True)
         return x, y, s, torch.tensor(-10.0, requires_grad=True)
-
-    inputs = make(64, d)  # first use of every operator (thread pools, kernels) at a tiny size
-    fn(*inputs).backward()
-    inputs = make(b, d)
-    baseline = rss()
-    start = time.perf_counter()
-    loss = fn(*inputs)
-    loss.backward()
-    seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"extra_bytes": peak - baseline, "seconds": seconds, "loss": loss.item(),
-                      "grads": [float(t.grad.norm()) for t in inputs]}))
 """)
-
-
-def measure_cpu(provider: str) -> dict:
-    env = {k: val for k, val in os.environ.items() if k not in ("GLM5V_BACKEND", "TRITON_INTERPRET")}
-    proc = subprocess.run([sys.executable, "-c", _MEASURE, provider, *map(str, CPU_SHAPE)], capture_output=True,
-                          text=True, env=env, timeout=300)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{provider} measurement failed:\n{proc.stderr}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_cpu_extra_memory(benchmark):
-    naive = measure_cpu("torch-naive")
-    ours = benchmark.pedantic(measure_cpu, args=("glm5v",), rounds=1, iterations=1)
-    ratio = ours["extra_bytes"] / naive["extra_bytes"]
     b, d = CPU_SHAPE
-    record(benchmark, group=f"siglip-memory/cpu/B{b}xD{d}/fp32", provider="glm5v", ours=True,
-           peak_memory=ours["extra_bytes"], flops=6.0 * b * b * d, dtype=torch.float32,
-           extra_peak_memory_mib=round(ours["extra_bytes"] / 2**20, 1),
-           naive_extra_peak_memory_mib=round(naive["extra_bytes"] / 2**20, 1),
-           memory_ratio_to_naive=round(ratio, 4), memory_target=CPU_MEMORY_TARGET,
-           fwd_bwd_seconds=round(ours["seconds"], 2), naive_fwd_bwd_seconds=round(naive["seconds"], 2),
-           backend="torch (CPU: the chunked reference path)")
-    assert abs(ours["loss"] - naive["loss"]) <= 1e-5 * abs(naive["loss"]), (ours, naive)
-    for got, expected in zip(ours["grads"], naive["grads"]):
-        assert abs(got - expected) <= 1e-4 * abs(expected), (ours, naive)
-    assert ratio <= CPU_MEMORY_TARGET, (
-        f"extra peak memory {ours['extra_bytes'] / 2**20:.0f} MiB is {ratio:.1%} of naive's "
-        f"{naive['extra_bytes'] / 2**20:.0f} MiB (target <= {CPU_MEMORY_TARGET:.0%})")
+    check_cpu_extra_memory(
+        benchmark, group=f"siglip-memory/cpu/B{b}xD{d}/fp32", make=_CPU_MAKE, ours="fn = siglip_loss",
+        naive="fn = naive", sizes=CPU_SHAPE, warmup_sizes=(64, d), target=CPU_MEMORY_TARGET, flops=6.0 * b * b * d)

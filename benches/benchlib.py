@@ -23,8 +23,13 @@ Targets are printed (met / not met), never asserted: a speed target lives in the
 from __future__ import annotations
 
 import functools
+import json
 import math
 import numbers
+import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
@@ -34,6 +39,7 @@ import torch
 
 __all__ = [
     "DEVICE_PEAKS",
+    "check_cpu_extra_memory",
     "DevicePeak",
     "Result",
     "attention_flops",
@@ -469,6 +475,64 @@ def summary_lines(rows: Iterable[Result] | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 # pytest hooks (imported by benches/conftest.py)
 # --------------------------------------------------------------------------------------------
+
+
+_MEMORY_PROBE = textwrap.dedent("""
+    import json, os, resource, sys, time
+    import torch
+
+    exec(sys.argv[1])  # defines make(*sizes) -> inputs and fn(*inputs) -> scalar loss
+
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    inputs = make(*json.loads(sys.argv[3]))  # first use of every operator (thread pools, kernels), small
+    fn(*inputs).backward()
+    inputs = make(*json.loads(sys.argv[2]))
+    baseline = rss()
+    start = time.perf_counter()
+    loss = fn(*inputs)
+    loss.backward()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    grads = [float(t.grad.norm()) for t in inputs if isinstance(t, torch.Tensor) and t.grad is not None]
+    print(json.dumps({"extra_bytes": peak - baseline, "seconds": seconds, "loss": loss.item(), "grads": grads}))
+""")
+
+
+def measure_cpu_extra_memory(setup: str, sizes: Sequence[int], warmup_sizes: Sequence[int]) -> dict:
+    """Peak RSS above the RSS once the inputs exist, for one forward + backward, in a fresh Python
+    on the CPU path (no backend or interpreter overrides). `setup` defines make(*sizes) -> inputs
+    and fn(*inputs) -> scalar loss. Returns extra_bytes, seconds, loss and the inputs' grad norms."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLM5V_BACKEND", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, setup, json.dumps(list(sizes)),
+                           json.dumps(list(warmup_sizes))], capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_cpu_extra_memory(benchmark: Any, *, group: str, make: str, ours: str, naive: str, sizes: Sequence[int],
+                           warmup_sizes: Sequence[int], target: float, flops: float) -> None:
+    """Extra peak memory of our CPU path vs the naive one, each in its own subprocess (see
+    `measure_cpu_extra_memory`; `make` defines make(), `ours` / `naive` define fn()): records both,
+    asserts they agree on the loss and gradients and that ours uses at most `target` x naive's."""
+    naive_run = measure_cpu_extra_memory(make + "\n" + naive, sizes, warmup_sizes)
+    ours_run = benchmark.pedantic(measure_cpu_extra_memory, args=(make + "\n" + ours, sizes, warmup_sizes), rounds=1,
+                                  iterations=1)
+    ratio = ours_run["extra_bytes"] / naive_run["extra_bytes"]
+    record(benchmark, group=group, provider="glm5v", ours=True, peak_memory=ours_run["extra_bytes"], flops=flops,
+           dtype=torch.float32, extra_peak_memory_mib=round(ours_run["extra_bytes"] / 2**20, 1),
+           naive_extra_peak_memory_mib=round(naive_run["extra_bytes"] / 2**20, 1),
+           memory_ratio_to_naive=round(ratio, 4), memory_target=target,
+           fwd_bwd_seconds=round(ours_run["seconds"], 2), naive_fwd_bwd_seconds=round(naive_run["seconds"], 2),
+           backend="torch (CPU: the chunked reference path)")
+    assert abs(ours_run["loss"] - naive_run["loss"]) <= 1e-5 * abs(naive_run["loss"]), (ours_run, naive_run)
+    for got, expected in zip(ours_run["grads"], naive_run["grads"], strict=True):
+        assert abs(got - expected) <= 1e-4 * abs(expected), (ours_run, naive_run)
+    assert ratio <= target, (
+        f"extra peak memory {ours_run['extra_bytes'] / 2**20:.0f} MiB is {ratio:.1%} of naive's "
+        f"{naive_run['extra_bytes'] / 2**20:.0f} MiB (target <= {target:.0%})")
 
 
 def pytest_sessionstart(session: Any) -> None:
