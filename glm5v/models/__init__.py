@@ -1,6 +1,9 @@
-"""Models of the recipe, single-device: CogViT (the vision encoder) and its distillation teachers."""
+"""Models of the recipe, single-device: CogViT (the vision encoder), its distillation teachers and the
+GLM-style decoder LLM."""
 
 from glm5v.models.cogvit import CogViT, CogViTConfig, CogViTOutput, cogvit_l, cogvit_tiny
+from glm5v.models.llm import DecoderLM, DecoderLMConfig, DecoderLMOutput, llm_1b, llm_tiny
 from glm5v.models.teachers import TeacherFeatures, VisionTeacher
 
-__all__ = ["CogViT", "CogViTConfig", "CogViTOutput", "cogvit_l", "cogvit_tiny", "TeacherFeatures", "VisionTeacher"]
+__all__ = ["CogViT", "CogViTConfig", "CogViTOutput", "cogvit_l", "cogvit_tiny", "TeacherFeatures", "VisionTeacher",
+           "DecoderLM", "DecoderLMConfig", "DecoderLMOutput", "llm_1b", "llm_tiny"]
