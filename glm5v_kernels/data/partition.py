@@ -149,26 +149,39 @@ def partition_frames(frame_tokens: Sequence[int], k: int, *, vit_dims: Transform
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(k)]
 
 
-def plan_microbatches(costs, tokens, max_tokens: int, *, weights=None) -> list[list[int]]:
+def plan_microbatches(costs, tokens, max_tokens: int, *, weights=None, multiple_of: int = 1) -> list[list[int]]:
     """One rank's samples into the fewest micro-batches of at most max_tokens tokens each, with
-    their costs balanced across the micro-batches. Returns the sample indices of each."""
+    their costs balanced across the micro-batches. Returns the sample indices of each.
+
+    multiple_of: the number of micro-batches is a multiple of it, none empty (e.g. the number of
+    data-parallel ranks, which must all run as many micro-batches); needs that many samples."""
     costs = _as_costs(costs)
     tokens = _as_costs(tokens)
     if tokens.shape != (costs.shape[0], 1):
         raise ValueError(f"tokens must have one count per sample ({costs.shape[0]}), got shape {tokens.shape}")
     if not max_tokens >= tokens.max():
         raise ValueError(f"max_tokens ({max_tokens}) is below the longest sample ({int(tokens.max())} tokens)")
+    if not isinstance(multiple_of, int) or isinstance(multiple_of, bool) or multiple_of < 1:
+        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
     keys = costs.shape[1]
     weights = np.ones(keys) if weights is None else _as_key_vector(weights, keys, "weights", positive=True)
     combined = np.concatenate([costs, tokens], axis=1)
     # the token column only caps, it barely weighs in the balance
     all_weights = np.concatenate([weights, [1e-9]])
     caps = np.concatenate([np.full(keys, np.inf), [float(max_tokens)]])
-    count = max(1, int(np.ceil(tokens.sum() / max_tokens)))
+    count = -(-max(1, int(np.ceil(tokens.sum() / max_tokens))) // multiple_of) * multiple_of
     while True:
-        try:
-            partition = balanced_partition(combined, count, weights=all_weights, caps=caps)
-        except ValueError:
-            count += 1
-            continue
-        return [part for part in partition.parts if part]
+        if multiple_of > 1 and count > costs.shape[0]:
+            raise ValueError(f"{costs.shape[0]} samples cannot fill a multiple of {multiple_of} non-empty "
+                             f"micro-batches of at most {max_tokens} tokens")
+        # The balance may leave a part empty (one sample outweighing the rest); where parts must not
+        # be empty, the same count is tried again with sizes that differ by at most one.
+        for equal_size in (False, True) if multiple_of > 1 else (False,):
+            try:
+                partition = balanced_partition(combined, count, weights=all_weights, caps=caps, equal_size=equal_size)
+            except ValueError:
+                continue
+            parts = [part for part in partition.parts if part]
+            if len(parts) == count or multiple_of == 1:
+                return parts
+        count += multiple_of

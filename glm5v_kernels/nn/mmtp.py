@@ -22,8 +22,9 @@ VISUAL_INPUTS = ("embedding", "mask", "placeholder")
 @dataclass
 class MMTPOutput:
     """loss: scalar, loss_weight / K · Σ_k depth_losses[k] (differentiable); depth_losses (K,) and
-    depth_accuracies (K,) (detached, float32): depth k's mean loss and top-1 accuracy over its own
-    valid tokens (0 for a depth without any)."""
+    depth_accuracies (K,) (detached, float32): depth k's mean loss (its summed loss over the
+    forward's `normalizers[k]` when given) and top-1 accuracy over its own valid tokens (0 for a
+    depth without any)."""
 
     loss: torch.Tensor
     depth_losses: torch.Tensor
@@ -84,16 +85,23 @@ class MMTPHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor, is_visual: torch.Tensor,
                 *, visual_embeds: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
-                **block_kwargs) -> MMTPOutput:
+                normalizers: torch.Tensor | None = None, **block_kwargs) -> MMTPOutput:
         """hidden (B, T, H): the backbone's last hidden state (before its final norm); input_ids,
         labels (B, T) with labels[t] the token following t (ignore_index where there is none);
         is_visual (B, T) bool; visual_embeds (M, H), M = is_visual.sum(), needed by
-        visual_input="embedding"; cu_seqlens (D + 1,) when B = 1 holds packed documents."""
+        visual_input="embedding"; cu_seqlens (D + 1,) when B = 1 holds packed documents.
+        normalizers (K,): divide depth k's summed loss by normalizers[k] instead of its own
+        valid-token count, e.g. the global batch's count under gradient accumulation or data
+        parallelism, so that summing (or averaging) the parts gives the whole batch's loss."""
         if hidden.ndim != 3 or hidden.shape[-1] != self.hidden_size:
             raise ValueError(f"hidden must have shape (B, T, {self.hidden_size}), got {tuple(hidden.shape)}")
         if input_ids.shape != hidden.shape[:2] or is_visual.shape != hidden.shape[:2]:
             raise ValueError(f"input_ids and is_visual must have shape (B, T) = {tuple(hidden.shape[:2])}, got "
                              f"{tuple(input_ids.shape)} and {tuple(is_visual.shape)}")
+        if normalizers is not None and (not isinstance(normalizers, torch.Tensor)
+                                        or normalizers.shape != (self.num_depths,)):
+            raise ValueError(f"normalizers must be a ({self.num_depths},) tensor (one per depth), got "
+                             f"{tuple(getattr(normalizers, 'shape', ())) or type(normalizers).__name__}")
         weight = self.embedding.weight
         if self.visual_input == "embedding":
             if visual_embeds is None:
@@ -117,6 +125,8 @@ class MMTPHead(nn.Module):
             normed = self.final_norm(h_prev).reshape(-1, self.hidden_size).to(self.output_weight.dtype)
             loss_k, correct_k, count_k = linear_cross_entropy_with_accuracy(
                 normed, self.output_weight, labels_k.reshape(-1), ignore_index=self.ignore_index)
+            if normalizers is not None:  # loss_k · count_k is the summed loss (0 when count_k is 0)
+                loss_k = loss_k * count_k / normalizers[k - 1].to(loss_k.dtype)
             losses.append(loss_k)
             accuracies.append(correct_k.float() / count_k.clamp(min=1))
         depth_losses = torch.stack(losses)

@@ -164,3 +164,20 @@ def test_plan_microbatches():
     assert len(batches) <= int(np.ceil(tokens.sum() / 16384)) + 1
     with pytest.raises(ValueError, match="max_tokens"):
         plan_microbatches(costs, tokens, max_tokens=1000)
+
+
+@pytest.mark.parametrize("multiple_of", [2, 3])
+def test_plan_microbatches_multiple_of(multiple_of):
+    """A count that is a multiple of the ranks, no part empty, caps kept, even when one sample
+    outweighs the others."""
+    rng = np.random.default_rng(multiple_of)
+    tokens = rng.integers(10, 100, 13)
+    costs = np.stack([tokens * 64.0 + tokens**2.0, rng.random(13)], axis=1)
+    costs[0] *= 1000
+    batches = plan_microbatches(costs, tokens, max_tokens=300, multiple_of=multiple_of)
+    assert len(batches) % multiple_of == 0 and all(batches)
+    assert len(batches) - multiple_of < max(1, int(np.ceil(tokens.sum() / 300)))
+    assert sorted(i for batch in batches for i in batch) == list(range(13))
+    assert all(tokens[batch].sum() <= 300 for batch in batches)
+    with pytest.raises(ValueError, match="multiple of 14"):
+        plan_microbatches(costs, tokens, max_tokens=300, multiple_of=14)

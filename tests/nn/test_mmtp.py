@@ -163,6 +163,34 @@ def test_embedding_variant_reads_visual_embeds():
         head(hidden, ids, labels, is_visual)
 
 
+def test_normalizers_make_parts_sum_to_the_whole():
+    """Two packed halves, each with the whole batch's per-depth valid counts as normalizers: their
+    losses and gradients add up to those of the whole batch in one call."""
+    head = make_head("placeholder")
+    bounds = [(0, 9), (9, 10), (10, 26), (26, 40)]
+    ids, labels, is_visual, _ = make_batch(1, 40, bounds)
+    hidden = torch.randn(1, 40, H, device=DEVICE, requires_grad=True)
+    cu = torch.tensor([0, 9, 10, 26, 40])
+    whole = head(hidden, ids, labels, is_visual, cu_seqlens=cu)
+    expected = torch.autograd.grad(whole.loss, [hidden, head.projections[0].weight])
+    counts = []  # each depth's valid targets over the whole batch, counted from the definition
+    for k in range(1, head.num_depths + 1):
+        valid = [t for s, e in bounds for t in range(s, e - k)
+                 if labels[0, t + k] != IGNORE and not is_visual[0, t + k] and labels[0, t + k] != IMAGE_ID]
+        counts.append(len(valid))
+    normalizers = torch.tensor(counts, dtype=torch.float32, device=DEVICE)
+    total = 0
+    for (start, end), cu_part in (((0, 10), torch.tensor([0, 9, 10])), ((10, 40), torch.tensor([0, 16, 30]))):
+        part = head(hidden[:, start:end], ids[:, start:end], labels[:, start:end], is_visual[:, start:end],
+                    cu_seqlens=cu_part, normalizers=normalizers)
+        total = total + part.loss
+    assert_close(total, whole.loss, tol=TOL, name="loss")
+    for g, e in zip(torch.autograd.grad(total, [hidden, head.projections[0].weight]), expected):
+        assert_close(g, e, tol=TOL, name="grad")
+    with pytest.raises(ValueError, match="normalizers"):
+        head(hidden, ids, labels, is_visual, cu_seqlens=cu, normalizers=torch.ones(3))
+
+
 @pytest.mark.parametrize("kwargs,match", [
     pytest.param(dict(num_depths=0), "num_depths", id="no-depths"),
     pytest.param(dict(visual_input="image"), "visual_input", id="unknown-variant"),
