@@ -2,6 +2,8 @@
 
     glm5v env                        what this machine offers glm5v (versions, GPU, built extensions)
     glm5v pack IMAGE... [--out F]    NaFlex-pack image files and print what was packed
+    glm5v train cogvit-mim           CogViT stage 1: multi-teacher masked distillation
+    glm5v train cogvit-siglip        CogViT stage 2: NaFlex SigLIP on image-caption pairs
 """
 
 from __future__ import annotations
@@ -90,6 +92,54 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_settings(args: argparse.Namespace) -> dict:
+    """The StageConfig fields the train commands share, from their options."""
+    settings = dict(model=args.config, steps=args.steps, batch_tokens=args.batch_tokens, seed=args.seed,
+                    data=args.data, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                    progress=not args.no_progress, device=args.device)
+    if args.out is not None:
+        settings["out"] = args.out
+    return settings
+
+
+def _report(result) -> int:
+    losses = result.losses
+    if losses:
+        print(f"steps {result.start_step}-{result.start_step + len(losses) - 1}: loss {losses[0]:.4f} -> "
+              f"{losses[-1]:.4f}")
+    print(f"log: {result.log}\nplot: {result.plot}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+def _cmd_train_mim(args: argparse.Namespace) -> int:
+    from glm5v.train.mim import MIMConfig, TeacherSpec, train_mim
+
+    teachers = (TeacherSpec("siglip", args.teacher_siglip), TeacherSpec("dino", args.teacher_dino))
+    config = MIMConfig(**_stage_settings(args), mask_ratio=args.mask_ratio, teachers=teachers)
+    return _report(train_mim(config))
+
+
+def _cmd_train_siglip(args: argparse.Namespace) -> int:
+    from glm5v.train.contrastive import SigLIPConfig, train_siglip
+
+    config = SigLIPConfig(**_stage_settings(args), init=args.init, images_per_step=args.images_per_step)
+    return _report(train_siglip(config))
+
+
+def _add_stage_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", choices=("tiny", "l"), help="CogViT size (default: tiny)")
+    parser.add_argument("--data", default=None, help="folder of images with a captions.jsonl sidecar (default: the "
+                        "embedded photos)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="patches per step (default: 1024)")
+    parser.add_argument("--out", default=None, help="folder for the log, plot and checkpoints")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (0: at the end)")
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm5v", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--threads", type=int, default=None, help="threads for the pixel work (default: all)")
     pack.add_argument("--out", type=Path, default=None, help="save the packed tensors with torch.save")
     pack.set_defaults(run=_cmd_pack)
+
+    train = commands.add_parser("train", help="training stages of the recipe")
+    stages = train.add_subparsers(dest="stage", required=True)
+    mim = stages.add_parser("cogvit-mim", help="CogViT stage 1: masked distillation from two frozen teachers "
+                            "(default out: runs/cogvit-mim)")
+    _add_stage_options(mim)
+    mim.add_argument("--teacher-siglip", default=None, help="local SigLIP / SigLIP2 checkpoint (default: a tiny "
+                     "random one, which shows the mechanics only)")
+    mim.add_argument("--teacher-dino", default=None, help="local DINOv2 / DINOv3 checkpoint (default: a tiny random "
+                     "one)")
+    mim.add_argument("--mask-ratio", type=float, default=0.35)
+    mim.set_defaults(run=_cmd_train_mim)
+    siglip = stages.add_parser("cogvit-siglip", help="CogViT stage 2: NaFlex SigLIP on image-caption pairs "
+                               "(default out: runs/cogvit-siglip)")
+    _add_stage_options(siglip)
+    siglip.add_argument("--init", default=None, help="stage-1 checkpoint folder to start the image tower from")
+    siglip.add_argument("--images-per-step", type=int, default=None, help="a fixed number of images per step "
+                        "(needed under torch.distributed)")
+    siglip.set_defaults(run=_cmd_train_siglip)
     return parser
 
 
