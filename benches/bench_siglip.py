@@ -112,7 +112,7 @@ _CPU_MAKE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_cpu_extra_memory(benchmark):
     b, d = CPU_SHAPE
     check_cpu_extra_memory(

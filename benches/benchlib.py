@@ -478,30 +478,37 @@ def summary_lines(rows: Iterable[Result] | None = None) -> list[str]:
 
 
 _MEMORY_PROBE = textwrap.dedent("""
-    import json, os, resource, sys, time
+    import json, sys, time
     import torch
 
     exec(sys.argv[1])  # defines make(*sizes) -> inputs and fn(*inputs) -> scalar loss
 
-    def rss():
-        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    def status_bytes(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"no {field} in /proc/self/status")
 
     inputs = make(*json.loads(sys.argv[3]))  # first use of every operator (thread pools, kernels), small
     fn(*inputs).backward()
     inputs = make(*json.loads(sys.argv[2]))
-    baseline = rss()
+    # VmHWM is this process's own peak (ru_maxrss would carry the parent's peak across fork + exec);
+    # writing 5 to clear_refs resets it to the current RSS, the baseline.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = status_bytes("VmRSS")
     start = time.perf_counter()
     loss = fn(*inputs)
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM")
     grads = [float(t.grad.norm()) for t in inputs if isinstance(t, torch.Tensor) and t.grad is not None]
     print(json.dumps({"extra_bytes": peak - baseline, "seconds": seconds, "loss": loss.item(), "grads": grads}))
 """)
 
 
 def measure_cpu_extra_memory(setup: str, sizes: Sequence[int], warmup_sizes: Sequence[int]) -> dict:
-    """Peak RSS above the RSS once the inputs exist, for one forward + backward, in a fresh Python
+    """Peak RSS (VmHWM) above the RSS once the inputs exist, for one forward + backward, in a fresh Python
     on the CPU path (no backend or interpreter overrides). `setup` defines make(*sizes) -> inputs
     and fn(*inputs) -> scalar loss. Returns extra_bytes, seconds, loss and the inputs' grad norms."""
     env = {k: v for k, v in os.environ.items() if k not in ("GLM5V_BACKEND", "TRITON_INTERPRET")}
