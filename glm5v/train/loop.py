@@ -18,6 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from glm5v_kernels.optim import Muon, muon_param_groups
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -29,6 +33,22 @@ def cosine_with_warmup(step: int, total_steps: int, warmup_steps: int, min_ratio
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def muon_with_adamw(model: torch.nn.Module, lr: float, adamw_lr: float, weight_decay: float = 0.0) -> Muon:
+    """Muon on the hidden matrices at lr, AdamW on the rest (embeddings, heads, norms, biases) at
+    adamw_lr (`muon_param_groups`); every group remembers its "base_lr" for `set_lr`."""
+    groups = muon_param_groups(model, weight_decay=weight_decay, base_lr=lr)
+    for group in groups[1:]:
+        group["base_lr"] = adamw_lr
+    return Muon(groups, lr=lr, weight_decay=weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Every group's lr = its "base_lr" × multiplier; returns the first group's."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * multiplier
+    return optimizer.param_groups[0]["lr"]
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -108,17 +128,47 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on the CPU: a DTensor (FSDP2 shard) is gathered, a collective every rank
+    of its mesh must join."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu().contiguous()
+
+
+def _like(full: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """A loaded whole tensor laid out like `current`: this rank's shard where current is a DTensor
+    (cut locally, every rank read the same file), the tensor itself otherwise."""
+    if isinstance(current, DTensor) and tuple(full.shape) == tuple(current.shape):
+        return distribute_tensor(full.to(current.device), current.device_mesh, current.placements,
+                                 src_data_rank=None)
+    return full
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict | None = None) -> Path:
     """Write out_dir/checkpoint-<step>/ (model.safetensors, optimizer.safetensors, trainer.json)
-    after the optimizer step `step` (the number of steps done). Returns the folder."""
+    after the optimizer step `step` (the number of steps done). Returns the folder.
+
+    FSDP2 (DTensor) parameters and optimizer state are saved whole: every rank must call this
+    (their shards are gathered) and rank 0 writes."""
     from safetensors.torch import save_file
 
     folder = Path(out_dir) / f"{CHECKPOINT_PREFIX}{step:08d}"
+    weights = {name: _full(t) for name, t in model.state_dict().items()}
+    seen = set()
+    for name, t in weights.items():  # tied weights (one tensor under two names) are stored twice
+        if t.untyped_storage().data_ptr() in seen:
+            weights[name] = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+    state = optimizer.state_dict()
+    state["state"] = {index: {name: _full(v) if isinstance(v, torch.Tensor) else v for name, v in entries.items()}
+                      for index, entries in state["state"].items()}
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
-    weights = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
     save_file(weights, folder / "model.safetensors")
-    tensors, rest = _flatten_optimizer(optimizer.state_dict())
+    tensors, rest = _flatten_optimizer(state)
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "trainer.json").write_text(json.dumps({"step": step, "optimizer": rest, "extra": extra or {}}))
     return folder
@@ -138,8 +188,14 @@ def load_checkpoint(folder: str | Path, model: torch.nn.Module, optimizer: torch
         raise ValueError(f"{folder} is not a checkpoint folder (no trainer.json)")
     meta = json.loads((folder / "trainer.json").read_text())
     device = next(model.parameters()).device
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-    optimizer.load_state_dict(_unflatten_optimizer(load_file(folder / "optimizer.safetensors"), meta["optimizer"]))
+    current = model.state_dict()
+    weights = load_file(folder / "model.safetensors", device=str(device))
+    model.load_state_dict({name: _like(t, current[name]) if name in current else t for name, t in weights.items()})
+    state = _unflatten_optimizer(load_file(folder / "optimizer.safetensors"), meta["optimizer"])
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's indices
+    state["state"] = {index: {name: _like(v, params[index]) if isinstance(v, torch.Tensor) else v
+                              for name, v in entries.items()} for index, entries in state["state"].items()}
+    optimizer.load_state_dict(state)
     return int(meta["step"]), meta["extra"]
 
 
