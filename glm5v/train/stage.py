@@ -216,19 +216,19 @@ def run_stage(config: StageConfig, name: str, model: nn.Module,
     for group in groups[1:]:
         group["base_lr"] = config.adamw_lr
     optimizer = Muon(groups, lr=config.lr, weight_decay=config.weight_decay)
+    settings = _trajectory_settings(config)
     start, previous = 0, latest_checkpoint(out) if out.exists() else None
     if config.resume:
         if previous is None:
             raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-        start, extra = load_checkpoint(previous, model, optimizer)
-        if extra.get("settings") != _trajectory_settings(config):
-            changed = sorted(k for k in _trajectory_settings(config)
-                             if extra.get("settings", {}).get(k) != _trajectory_settings(config)[k])
+        start, saved = load_checkpoint(previous, model, optimizer)
+        changed = sorted(k for k, v in settings.items() if saved.get("settings", {}).get(k) != v)
+        if changed:
             raise ValueError(f"resume: {previous} was written with other settings ({', '.join(changed)}); the "
                              "resumed run would not continue its trajectory")
     elif previous is not None:
         raise ValueError(f"{str(out)!r} already holds checkpoints ({previous.name}): resume it or choose another out")
-    extra = {"settings": _trajectory_settings(config)}
+    extra = {"settings": settings}
     distributed = dist.is_available() and dist.is_initialized()
     log = RunLog(out, name, total_steps=config.steps, start_step=start, progress=config.progress)
     losses, checkpoint = [], previous
