@@ -223,11 +223,12 @@ def train_sft(config: SFTConfig, photos: Sequence[Sample] | None = None) -> SFTR
     if config.resume:
         if previous is None:
             raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-        start, extra = load_checkpoint(previous, model, optimizer)
-        changed = sorted(k for k in settings if extra.get("settings", {}).get(k) != settings[k])
-        if changed:
+        written = json.loads((previous / "trainer.json").read_text())["extra"].get("settings", {})
+        changed = sorted(k for k in settings if written.get(k) != settings[k])
+        if changed:  # checked before loading: other settings may give other weights
             raise ValueError(f"resume: {previous} was written with other settings ({', '.join(changed)}); the "
                              "resumed run would not continue its trajectory")
+        start, _ = load_checkpoint(previous, model, optimizer)
     elif previous is not None:
         raise ValueError(f"{str(out)!r} already holds checkpoints ({previous.name}): resume it or choose another out")
     if distributed:
