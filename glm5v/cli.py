@@ -4,6 +4,7 @@
     glm5v pack IMAGE... [--out F]    NaFlex-pack image files and print what was packed
     glm5v train cogvit-mim           CogViT stage 1: multi-teacher masked distillation
     glm5v train cogvit-siglip        CogViT stage 2: NaFlex SigLIP on image-caption pairs
+    glm5v train sft                  VLM SFT with MMTP on packed image conversations (FSDP2 under torchrun)
 """
 
 from __future__ import annotations
@@ -126,6 +127,23 @@ def _cmd_train_siglip(args: argparse.Namespace) -> int:
     return _report(train_siglip(config))
 
 
+def _cmd_train_sft(args: argparse.Namespace) -> int:
+    from glm5v.train.sft import SFTConfig, train_sft
+
+    config = SFTConfig(steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
+                       num_mtp_depths=args.mtp_depths, visual_input=args.visual_input, vit_init=args.vit_init,
+                       checkpoint_every=args.checkpoint_every, progress=not args.no_progress, device=args.device)
+    result = train_sft(config)
+    if result.losses:
+        depths = " ".join(f"{v:.4f}" for v in result.mtp_losses[-1])
+        print(f"steps {result.start_step}-{result.start_step + len(result.losses) - 1}: main loss "
+              f"{result.main_losses[0]:.4f} -> {result.main_losses[-1]:.4f}, MTP depth losses now {depths}; "
+              f"{result.tokens_per_second:.0f} tokens/s, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
+              f"({result.peak_memory_kind})")
+    print(f"log: {result.log}\nplot: {result.plot}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
 def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", choices=("tiny", "l"), help="CogViT size (default: tiny)")
     parser.add_argument("--data", default=None, help="folder of images with a captions.jsonl sidecar (default: the "
@@ -175,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     siglip.add_argument("--images-per-step", type=int, default=None, help="a fixed number of images per step "
                         "(needed under torch.distributed)")
     siglip.set_defaults(run=_cmd_train_siglip)
+    sft = stages.add_parser("sft", help="VLM SFT with MMTP on packed conversations about the embedded photos; "
+                            "FSDP2 when launched with torchrun")
+    sft.add_argument("--steps", type=int, default=20)
+    sft.add_argument("--out", default="runs/sft", help="folder for the log, plot and checkpoints (default: runs/sft)")
+    sft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    sft.add_argument("--seed", type=int, default=0)
+    sft.add_argument("--mtp-depths", type=int, default=2, help="MMTP depths K (0: no MMTP head)")
+    sft.add_argument("--visual-input", default="placeholder", choices=("placeholder", "mask", "embedding"),
+                     help="what the MMTP depths see at image positions (default: placeholder)")
+    sft.add_argument("--vit-init", default=None, help="a CogViT checkpoint (e.g. from train cogvit-siglip) to start "
+                     "the ViT from")
+    sft.add_argument("--checkpoint-every", type=int, default=10, help="steps between checkpoints (0: at the end)")
+    sft.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    sft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sft.set_defaults(run=_cmd_train_sft)
     return parser
 
 
