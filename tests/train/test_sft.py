@@ -91,6 +91,19 @@ def test_vit_init_loads_a_prefixed_cogvit(tmp_path):
         load_vit_init(VLM(vlm_tiny()), tmp_path / "nowhere")
 
 
+def test_command_line(tmp_path, capsys):
+    from glm5v.cli import main
+
+    out = tmp_path / "cli"
+    assert main(["train", "sft", "--steps", "2", "--out", str(out), "--mtp-depths", "1", "--visual-input",
+                 "embedding", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "main loss" in printed and "checkpoint-00000002" in printed
+    records = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and "mtp1_loss" in records[0] and "mtp2_loss" not in records[0]
+    assert main(["train", "sft", "--steps", "2", "--out", str(out)]) == 2  # holds checkpoints, no --resume
+
+
 @pytest.mark.parametrize("overrides,match", [
     pytest.param(dict(model="huge"), "model", id="model"),
     pytest.param(dict(visual_input="pixels"), "visual_input", id="variant"),
