@@ -174,14 +174,16 @@ def rank_seed(seed: int) -> int:
 
 @dataclass
 class StageResult:
-    """losses: the loss of every step this call ran (steps start_step … steps − 1); checkpoint:
-    the last checkpoint written; log / plot: the jsonl run log and its PNG (None without
-    matplotlib)."""
+    """model: the trained module. losses: the loss of every step this call ran (steps start_step … steps − 1; under
+    torch.distributed the mean over the ranks); checkpoint: the last checkpoint written; log /
+    plot: the jsonl run log and its PNG (plot: None without matplotlib). Under torch.distributed
+    rank 0 writes them, and the other ranks get None for all three."""
 
+    model: nn.Module
     losses: list[float]
     start_step: int
-    checkpoint: Path
-    log: Path
+    checkpoint: Path | None
+    log: Path | None
     plot: Path | None
 
 
@@ -230,7 +232,8 @@ def run_stage(config: StageConfig, name: str, model: nn.Module,
         raise ValueError(f"{str(out)!r} already holds checkpoints ({previous.name}): resume it or choose another out")
     extra = {"settings": settings}
     distributed = dist.is_available() and dist.is_initialized()
-    log = RunLog(out, name, total_steps=config.steps, start_step=start, progress=config.progress)
+    main = not distributed or dist.get_rank() == 0  # the one process that writes the log and checkpoints
+    log = RunLog(out, name, total_steps=config.steps, start_step=start, progress=config.progress) if main else None
     losses, checkpoint = [], previous
     model.train()
     for step in range(start, config.steps):
@@ -245,11 +248,17 @@ def run_stage(config: StageConfig, name: str, model: nn.Module,
                 _average_gradients(model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        if distributed:  # the global loss: the mean of the ranks' losses
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            loss /= dist.get_world_size()
         losses.append(loss.item())
-        log.log(step, loss=losses[-1], lr=lr, seconds=time.perf_counter() - began, **metrics)
+        if main:
+            log.log(step, loss=losses[-1], lr=lr, seconds=time.perf_counter() - began, **metrics)
         done = step + 1
         if done == config.steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
-            if not distributed or dist.get_rank() == 0:
+            if main:
                 checkpoint = save_checkpoint(out, done, model, optimizer, extra)
-    plot = log.close()
-    return StageResult(losses, start, checkpoint, log.path, plot)
+    if distributed:
+        dist.barrier()  # the checkpoint is complete before any rank goes on
+    return StageResult(model, losses, start, checkpoint, log.path if main else None, log.close() if main else None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +135,39 @@ def test_bad_input(tmp_path, batch):
         SigLIPConfig(batch_tokens=16, images_per_step=5)
     with pytest.raises(TypeError, match="SigLIPConfig"):
         train_siglip(MIMConfig())
+
+
+def distributed_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        config = SigLIPConfig(out=out, steps=2, batch_tokens=256, images_per_step=2, checkpoint_every=0,
+                              progress=False)
+        result = train_siglip(config)
+        torch.save({"losses": result.losses, "checkpoint": result.checkpoint, "weights": result.model.state_dict()},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_stay_in_step(tmp_path, monkeypatch):
+    """Under torch.distributed: each rank draws its own batch, the loss is DistributedSigLIPLoss and
+    the gradients are averaged, so the replicas stay equal; rank 0 alone writes log and checkpoint."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    # the spawned processes import this module by the name pytest gave it, from the tests folder
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1]))
+    mp.spawn(distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["losses"] == ranks[1]["losses"] and np.isfinite(ranks[0]["losses"]).all()
+    assert ranks[0]["checkpoint"].name == "checkpoint-00000002" and ranks[1]["checkpoint"] is None
+    records = [json.loads(line) for line in (tmp_path / "siglip.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1] and all(r["images"] == 2 for r in records)
+    assert records[0]["loss"] == pytest.approx(ranks[0]["losses"][0])
+    saved = load_file(ranks[0]["checkpoint"] / "model.safetensors")
+    for r in ranks:  # both replicas hold the weights rank 0 saved
+        assert r["weights"].keys() == saved.keys() and all(torch.equal(r["weights"][k], saved[k]) for k in saved)
+    assert not torch.equal(saved["logit_bias"], torch.tensor(-10.0))  # and they trained
