@@ -128,12 +128,16 @@ def _cmd_train_siglip(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_sft(args: argparse.Namespace) -> int:
+    from glm5v.parallel.fsdp import init_from_torchrun
     from glm5v.train.sft import SFTConfig, train_sft
 
+    init_from_torchrun()
     config = SFTConfig(steps=args.steps, out=args.out, resume=args.resume, seed=args.seed,
                        num_mtp_depths=args.mtp_depths, visual_input=args.visual_input, vit_init=args.vit_init,
                        checkpoint_every=args.checkpoint_every, progress=not args.no_progress, device=args.device)
     result = train_sft(config)
+    if result.log is None:  # not rank 0 of a torchrun launch: rank 0 reports
+        return 0
     if result.losses:
         depths = " ".join(f"{v:.4f}" for v in result.mtp_losses[-1])
         print(f"steps {result.start_step}-{result.start_step + len(result.losses) - 1}: main loss "

@@ -9,6 +9,7 @@ Tied parameters (the MMTP head shares the LLM's embedding, head and final norm) 
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -16,6 +17,19 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
+
+
+def init_from_torchrun() -> bool:
+    """Initialise the default process group when torchrun launched this process (WORLD_SIZE in the
+    environment) and none is yet: NCCL with one GPU per local rank where CUDA is available, gloo
+    otherwise. Returns whether torch.distributed is initialised."""
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.is_initialized()
 
 
 def data_parallel_mesh(device: torch.device | str) -> DeviceMesh:
