@@ -5,6 +5,8 @@
     glm5v train cogvit-mim           CogViT stage 1: multi-teacher masked distillation
     glm5v train cogvit-siglip        CogViT stage 2: NaFlex SigLIP on image-caption pairs
     glm5v train sft                  VLM SFT with MMTP on packed image conversations (FSDP2 under torchrun)
+    glm5v demo [--smoke]             the whole recipe on the embedded photos with the tiny models
+    glm5v experiment mmtp-variants   the three MMTP visual-input designs trained side by side
 """
 
 from __future__ import annotations
@@ -148,6 +150,33 @@ def _cmd_train_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from glm5v.train.demo import DemoConfig, run_demo, summary_table
+
+    shared = dict(out=args.out, seed=args.seed, progress=not args.no_progress, device=args.device)
+    rows = run_demo(DemoConfig.smoke(**shared) if args.smoke else DemoConfig(**shared))
+    print(summary_table(rows))
+    print(f"runs, logs and loss plots: {args.out}/ (summary.md, cogvit-mim/, cogvit-siglip/, sft/)")
+    return 0
+
+
+def _cmd_mmtp_variants(args: argparse.Namespace) -> int:
+    from glm5v.train.demo import MMTPVariantsConfig, run_mmtp_variants
+
+    run_mmtp_variants(MMTPVariantsConfig(out=args.out, steps=args.steps, num_mtp_depths=args.mtp_depths,
+                                         seed=args.seed, progress=not args.no_progress, device=args.device))
+    print(Path(args.out, "variants.md").read_text(), end="")
+    print(f"plot: {Path(args.out, 'variants.png')}")
+    return 0
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", default=out, help=f"folder of the runs (default: {out})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def _add_stage_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", choices=("tiny", "l"), help="CogViT size (default: tiny)")
     parser.add_argument("--data", default=None, help="folder of images with a captions.jsonl sidecar (default: the "
@@ -212,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda when available")
     sft.add_argument("--no-progress", action="store_true", help="no progress bar")
     sft.set_defaults(run=_cmd_train_sft)
+
+    demo = commands.add_parser("demo", help="the recipe end to end on the embedded photos: packing, CogViT stages "
+                               "1 and 2, SFT with MMTP (tiny models; a few minutes on a CPU)")
+    demo.add_argument("--smoke", action="store_true", help="2 steps per stage (a check that everything runs)")
+    _add_run_options(demo, "runs/demo")
+    demo.set_defaults(run=_cmd_demo)
+
+    experiment = commands.add_parser("experiment", help="experiments of the recipe")
+    experiments = experiment.add_subparsers(dest="experiment", required=True)
+    variants = experiments.add_parser("mmtp-variants", help="the tiny VLM with MMTP visual input embedding, mask "
+                                      "and placeholder: same steps, seed and data; a table and a plot of the losses")
+    variants.add_argument("--steps", type=int, default=60)
+    variants.add_argument("--mtp-depths", type=int, default=2)
+    _add_run_options(variants, "runs/mmtp-variants")
+    variants.set_defaults(run=_cmd_mmtp_variants)
     return parser
 
 
