@@ -10,10 +10,11 @@ the uninterrupted run did; the checkpoint holds the model, the optimizer and the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,35 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     save_file(tensors, folder / "optimizer.safetensors")
     (folder / "trainer.json").write_text(json.dumps({"step": step, "optimizer": rest, "extra": extra or {}}))
     return folder
+
+
+def trajectory_settings(config, resumable: Collection[str]) -> dict:
+    """The settings of a dataclass config that shape a run's trajectory (all but `resumable`, the
+    ones a resumed run may change), as JSON values; saved in every checkpoint's extra."""
+    settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return {k: v for k, v in settings.items() if k not in resumable}
+
+
+def checkpoint_to_resume(out_dir: str | Path, resume: bool, settings: dict) -> Path | None:
+    """The checks of a run that starts: with resume, the latest checkpoint in out_dir, which must
+    have been written with the same trajectory `settings` (checked before any weights load:
+    other settings may mean other shapes); without, out_dir must hold no checkpoint yet (a fresh
+    run would mix its checkpoints with an older run's). Returns the checkpoint to load, or None."""
+    out_dir = Path(out_dir)
+    previous = latest_checkpoint(out_dir) if out_dir.exists() else None
+    if not resume:
+        if previous is not None:
+            raise ValueError(f"{str(out_dir)!r} already holds checkpoints ({previous.name}): resume it or choose "
+                             "another out")
+        return None
+    if previous is None:
+        raise ValueError(f"resume: no checkpoint in {str(out_dir)!r}")
+    written = json.loads((previous / "trainer.json").read_text())["extra"].get("settings", {})
+    changed = sorted(k for k in settings if written.get(k) != settings[k])
+    if changed:
+        raise ValueError(f"resume: {previous} was written with other settings ({', '.join(changed)}); the resumed "
+                         "run would not continue its trajectory")
+    return previous
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:

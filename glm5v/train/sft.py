@@ -15,8 +15,6 @@ optimizer and step; `resume` continues the same trajectory exactly (loop.py's ru
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -35,14 +33,15 @@ from glm5v.models.vlm import VLM, VLMConfig, vlm_tiny
 from glm5v.parallel.fsdp import data_parallel_mesh, shard_blocks
 from glm5v.train.loop import (
     RunLog,
+    checkpoint_to_resume,
     cosine_with_warmup,
-    latest_checkpoint,
     load_checkpoint,
     muon_with_adamw,
     nvtx_range,
     save_checkpoint,
     set_lr,
     step_random,
+    trajectory_settings,
 )
 from glm5v_kernels.data import TransformerDims
 
@@ -176,11 +175,6 @@ def load_vit_init(model: VLM, path: str | Path) -> list[str]:
     return fresh
 
 
-def _trajectory_settings(config: SFTConfig) -> dict:
-    settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    return {k: v for k, v in settings.items() if k not in RESUMABLE_CHANGES}
-
-
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max allocated"
@@ -218,19 +212,10 @@ def train_sft(config: SFTConfig, photos: Sequence[Sample] | None = None) -> SFTR
         shard_blocks(model, (CogViTBlock, DecoderBlock), data_parallel_mesh(device))
     optimizer = muon_with_adamw(model, config.lr, config.adamw_lr, config.weight_decay)
 
-    settings = _trajectory_settings(config)
-    start, previous = 0, latest_checkpoint(out) if out.exists() else None
-    if config.resume:
-        if previous is None:
-            raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-        written = json.loads((previous / "trainer.json").read_text())["extra"].get("settings", {})
-        changed = sorted(k for k in settings if written.get(k) != settings[k])
-        if changed:  # checked before loading: other settings may give other weights
-            raise ValueError(f"resume: {previous} was written with other settings ({', '.join(changed)}); the "
-                             "resumed run would not continue its trajectory")
+    settings = trajectory_settings(config, RESUMABLE_CHANGES)
+    start, previous = 0, checkpoint_to_resume(out, config.resume, settings)
+    if previous is not None:
         start, _ = load_checkpoint(previous, model, optimizer)
-    elif previous is not None:
-        raise ValueError(f"{str(out)!r} already holds checkpoints ({previous.name}): resume it or choose another out")
     if distributed:
         dist.barrier()  # no rank looks for checkpoints after another has started writing them
     log = None

@@ -11,9 +11,7 @@ uninterrupted one exactly (see glm5v/train/loop.py).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -28,14 +26,16 @@ from glm5v.data.embedded import Sample, ViewConfig, augmented_view, folder_datas
 from glm5v.models.cogvit import CogViTConfig, cogvit_l, cogvit_tiny
 from glm5v.train.loop import (
     RunLog,
+    checkpoint_to_resume,
     cosine_with_warmup,
-    latest_checkpoint,
     load_checkpoint,
+    muon_with_adamw,
     nvtx_range,
     save_checkpoint,
+    set_lr,
+    trajectory_settings,
 )
 from glm5v_kernels.data import NaFlexProcessor, PackedImages, pack_images
-from glm5v_kernels.optim import Muon, muon_param_groups
 
 MODEL_CONFIGS: dict[str, Callable[..., CogViTConfig]] = {"tiny": cogvit_tiny, "l": cogvit_l}
 # Settings that change nothing in the trajectory of the steps already taken: a resumed run may
@@ -187,17 +187,6 @@ class StageResult:
     plot: Path | None
 
 
-def _trajectory_settings(config) -> dict:
-    settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    return {k: v for k, v in settings.items() if k not in _RESUMABLE_CHANGES}
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * multiplier
-    return optimizer.param_groups[0]["lr"]
-
-
 def _average_gradients(model: nn.Module) -> None:
     """Data parallelism without a wrapper: every rank holds the whole model, gradients are averaged."""
     world = dist.get_world_size()
@@ -214,22 +203,11 @@ def run_stage(config: StageConfig, name: str, model: nn.Module,
     out (its settings must match those that shape the trajectory); without, out must not hold
     checkpoints yet (a fresh run would mix its checkpoints with an older run's)."""
     out = Path(config.out)
-    groups = muon_param_groups(model, weight_decay=config.weight_decay, base_lr=config.lr)
-    for group in groups[1:]:
-        group["base_lr"] = config.adamw_lr
-    optimizer = Muon(groups, lr=config.lr, weight_decay=config.weight_decay)
-    settings = _trajectory_settings(config)
-    start, previous = 0, latest_checkpoint(out) if out.exists() else None
-    if config.resume:
-        if previous is None:
-            raise ValueError(f"resume: no checkpoint in {str(out)!r}")
-        start, saved = load_checkpoint(previous, model, optimizer)
-        changed = sorted(k for k, v in settings.items() if saved.get("settings", {}).get(k) != v)
-        if changed:
-            raise ValueError(f"resume: {previous} was written with other settings ({', '.join(changed)}); the "
-                             "resumed run would not continue its trajectory")
-    elif previous is not None:
-        raise ValueError(f"{str(out)!r} already holds checkpoints ({previous.name}): resume it or choose another out")
+    optimizer = muon_with_adamw(model, config.lr, config.adamw_lr, config.weight_decay)
+    settings = trajectory_settings(config, _RESUMABLE_CHANGES)
+    start, previous = 0, checkpoint_to_resume(out, config.resume, settings)
+    if previous is not None:
+        start, _ = load_checkpoint(previous, model, optimizer)
     extra = {"settings": settings}
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank() == 0  # the one process that writes the log and checkpoints
@@ -238,7 +216,7 @@ def run_stage(config: StageConfig, name: str, model: nn.Module,
     model.train()
     for step in range(start, config.steps):
         began = time.perf_counter()
-        lr = _set_lr(optimizer, cosine_with_warmup(step, config.steps, config.warmup_steps, config.min_lr_ratio))
+        lr = set_lr(optimizer, cosine_with_warmup(step, config.steps, config.warmup_steps, config.min_lr_ratio))
         with nvtx_range(f"{name}/forward"):
             loss, metrics = step_loss(step)
         with nvtx_range(f"{name}/backward"):
