@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from glm5v._checks import check_ints
 from glm5v.data.embedded import Sample, ViewConfig, augmented_view
 from glm5v.data.tokenizer import ASSISTANT, BEGIN_OF_IMAGE, END_OF_IMAGE, ENDOFTEXT, IMAGE, USER, Tokenizer
 from glm5v_kernels.data import (
@@ -163,10 +164,7 @@ class SFTDataConfig:
     views: ViewConfig = ViewConfig(min_side=32, max_side=192)
 
     def __post_init__(self):
-        for name in ("samples_per_step", "max_pack_tokens", "max_image_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("samples_per_step", "max_pack_tokens", "max_image_tokens"))
 
 
 class SFTData:

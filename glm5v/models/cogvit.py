@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5v._checks import check_ints
 from glm5v_kernels import VarlenPlan, rotary_2d, varlen_plan
 from glm5v_kernels.data import PackedImages, interpolate_pos_embed
 from glm5v_kernels.memory import apply_memory_policy
@@ -80,15 +81,8 @@ class CogViTConfig:
     recompute: str = "none"
 
     def __post_init__(self):
-        positive = ["depth", "width", "num_heads", "mlp_hidden", "patch_size", "temporal_patch_size", "in_channels",
-                    "out_hidden_size", "merger_hidden"]
-        optional = ["pos_embed_grid", "merge_size"]
-        for name in positive + optional:
-            value = getattr(self, name)
-            if value is None and name in optional:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1{' or None' if name in optional else ''}, got {value!r}")
+        check_ints(self, ("depth", "width", "num_heads", "mlp_hidden", "patch_size", "temporal_patch_size",
+                          "in_channels", "out_hidden_size", "merger_hidden"), optional=("pos_embed_grid", "merge_size"))
         if self.width % self.num_heads:
             raise ValueError(f"width ({self.width}) must be a multiple of num_heads ({self.num_heads})")
         if self.head_dim % 8 or not 16 <= self.head_dim <= 128:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm5v._checks import check_ints
 from glm5v.data.tokenizer import ByteTokenizer
 from glm5v.models.cogvit import SwiGLU
 from glm5v_kernels import VarlenPlan, fused_linear_cross_entropy, rotary_1d, varlen_attention, varlen_plan
@@ -63,10 +64,8 @@ class DecoderLMConfig:
     init_std: float = 0.02
 
     def __post_init__(self):
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                          "mlp_hidden"))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 8 or not 16 <= self.head_dim <= 128:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from glm5v._checks import check_ints
 from glm5v.data.embedded import load_photos
 from glm5v.train.contrastive import SigLIPConfig, train_siglip
 from glm5v.train.loop import latest_checkpoint, plot_losses
@@ -44,10 +45,7 @@ class DemoConfig:
     device: str | None = None
 
     def __post_init__(self):
-        for name in ("mim_steps", "siglip_steps", "sft_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_ints(self, ("mim_steps", "siglip_steps", "sft_steps"))
 
     @classmethod
     def smoke(cls, **overrides) -> DemoConfig:

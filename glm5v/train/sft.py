@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from glm5v._checks import check_ints
 from glm5v.data.embedded import Sample, load_photos
 from glm5v.data.sft import SFTData, SFTDataConfig
 from glm5v.data.tokenizer import ByteTokenizer
@@ -87,10 +88,8 @@ class SFTConfig:
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
             raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {self.model!r}")
-        for name, low in (("steps", 1), ("warmup_steps", 0), ("checkpoint_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        check_ints(self, ("steps",))
+        check_ints(self, ("warmup_steps", "checkpoint_every", "seed"), minimum=0)
         if not isinstance(self.data, SFTDataConfig):
             raise TypeError(f"data must be an SFTDataConfig, got {type(self.data).__name__}")
         if not self.lr > 0 or not self.adamw_lr > 0 or not self.weight_decay >= 0:

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from glm5v._checks import check_ints
 from glm5v.data.embedded import Sample, ViewConfig, augmented_view, folder_dataset, load_photos
 from glm5v.models.cogvit import CogViTConfig, cogvit_l, cogvit_tiny
 from glm5v.train.loop import (
@@ -82,14 +83,8 @@ class StageConfig:
     def __post_init__(self):
         if self.model not in MODEL_CONFIGS:
             raise ValueError(f"model must be one of {sorted(MODEL_CONFIGS)}, got {self.model!r}")
-        for name in ("steps", "batch_tokens", "max_image_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        check_ints(self, ("steps", "batch_tokens", "max_image_tokens"))
+        check_ints(self, ("warmup_steps", "checkpoint_every", "seed"), minimum=0)
         if not self.lr > 0 or not self.adamw_lr > 0 or not self.weight_decay >= 0:
             raise ValueError(f"lr and adamw_lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.adamw_lr}, "
                              f"{self.weight_decay}")
