@@ -113,7 +113,7 @@ def qk_transform_fwd_kernel(
 ):
     # Program (t, h): tokens [t·BLOCK_T, (t+1)·BLOCK_T) of head h. Stats (2, H, T): mean, rstd.
     pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # head offsets times T can pass 2**31
     num_heads = tl.num_programs(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tokens = rows.to(tl.int64)
@@ -146,7 +146,7 @@ def qk_transform_bwd_kernel(
     # Program (t, h) writes dx for its tokens and its partial sums of dweight / dbias into row
     # (t, h) of DW / DB (num_t_blocks, H, BLOCK_D); the launcher sums the rows in a fixed order.
     pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     num_heads = tl.num_programs(1)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
@@ -241,7 +241,7 @@ def attn_fwd_kernel(
     # program as the tile is loaded. K arrives already transformed: each key tile is read by every
     # query block of its sequence, so transforming it here would repeat the work that many times.
     start, length, m_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_M)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     if m_start < length:
         kv_h = h // group
         rows = m_start + tl.arange(0, BLOCK_M)
@@ -320,7 +320,7 @@ def attn_bwd_delta_kernel(
 ):
     # Delta (H, T) = rowsum(dO ∘ O), the softmax-backward correction term.
     pid_t = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, BLOCK_D)
@@ -343,7 +343,7 @@ def attn_bwd_dkdv_kernel(
     # Program (key block, kv head): sums over the query blocks of its sequence and over the `group`
     # query heads that share the kv head, in a fixed order. Tiles are kept transposed (keys × queries).
     start, length, n_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_N)
-    kv_h = tl.program_id(1)
+    kv_h = tl.program_id(1).to(tl.int64)
     if n_start < length:
         cols = n_start + tl.arange(0, BLOCK_N)
         col_ok = cols < length
@@ -411,7 +411,7 @@ def attn_bwd_dq_kernel(
 ):
     # Program (query block, query head): dq = scale · Σ_keys dS·K over its sequence's key blocks.
     start, length, m_start = _block_of(cu_seqlens, work, USE_WORK, BLOCK_M)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     if m_start < length:
         kv_h = h // group
         rows = m_start + tl.arange(0, BLOCK_M)
