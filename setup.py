@@ -1,7 +1,9 @@
 """Builds glm5v_kernels._host, the pybind11 C++17 extension for the data pipeline's hot paths.
 
 Sources are compiled with ninja (parallel and incremental) when it is on PATH or installed as the
-`ninja` Python package, with setuptools' own compiler loop otherwise.
+`ninja` Python package, with setuptools' own compiler loop otherwise. A built package (wheel or
+non-editable install) also carries the CUDA sources that glm5v_kernels compiles at run time
+(NVRTC), as glm5v_kernels/_csrc/{cuda,common}/; an editable install reads them from csrc/.
 """
 
 import os
@@ -12,6 +14,9 @@ from glob import glob
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+RUNTIME_SOURCES = ("csrc/cuda/*.cu", "csrc/common/*.h")  # compiled by NVRTC when a kernel first runs
 
 
 def _find_ninja():
@@ -66,6 +71,17 @@ class NinjaBuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPyWithRuntimeSources(build_py):
+    def run(self):
+        super().run()
+        for pattern in RUNTIME_SOURCES:
+            for source in sorted(glob(pattern)):
+                relative = os.path.relpath(source, "csrc")
+                target = os.path.join(self.build_lib, "glm5v_kernels", "_csrc", relative)
+                self.mkpath(os.path.dirname(target))
+                self.copy_file(source, target)
+
+
 host = Pybind11Extension(
     "glm5v_kernels._host",
     sorted(glob("csrc/host/*.cpp")),
@@ -76,4 +92,4 @@ host = Pybind11Extension(
     depends=sorted(glob("csrc/host/*.h") + glob("csrc/common/*.h")),
 )
 
-setup(ext_modules=[host], cmdclass={"build_ext": NinjaBuildExt})
+setup(ext_modules=[host], cmdclass={"build_ext": NinjaBuildExt, "build_py": BuildPyWithRuntimeSources})

@@ -19,7 +19,9 @@ import torch
 from glm5v_kernels._backend import host_module
 from glm5v_kernels.data.naflex import RESAMPLE_FILTERS
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"  # a built package's copy (setup.py)
+REPOSITORY_CSRC = Path(__file__).resolve().parents[2] / "csrc"  # an editable install's sources
+CSRC = PACKAGED_CSRC if (PACKAGED_CSRC / "cuda").is_dir() else REPOSITORY_CSRC
 SOURCE = CSRC / "cuda" / "naflex.cu"
 KERNEL = "naflex_pack_frames"
 # Compile options: the include root of "../common/naflex_math.h" and exact IEEE rounding.
@@ -43,8 +45,8 @@ def import_cupy():
 
 def kernel_source() -> str:
     if not SOURCE.is_file():
-        raise FileNotFoundError(f"the NaFlex CUDA source {SOURCE} is missing; device='cuda' needs the repository's "
-                                "csrc/ folder next to glm5v_kernels (pip install -e .)")
+        raise FileNotFoundError(f"the NaFlex CUDA source {SOURCE} is missing: reinstall glm5v (a built package carries "
+                                "it in glm5v_kernels/_csrc/, an editable install reads csrc/)")
     return SOURCE.read_text()
 
 

@@ -171,3 +171,23 @@ def test_gpu_refuses_what_it_cannot_run():
         pack_images([np.zeros((20000, 16, 3), np.uint8)], NaFlexProcessor(max_num_patches=1), device="cuda")
     with pytest.raises(TypeError, match="uint8"):
         pack_images([torch.zeros(3, 8, 8, device="cuda")], NaFlexProcessor(), device="cuda")
+
+
+def test_runtime_sources_are_self_contained():
+    """A built package ships csrc/cuda/*.cu and csrc/common/*.h (setup.py's RUNTIME_SOURCES) for
+    NVRTC: every quoted include of the kernel must resolve inside those two folders."""
+    import re
+
+    from glm5v_kernels.data import cuda
+
+    shipped = {cuda.CSRC / "cuda", cuda.CSRC / "common"}
+    pending, seen = [cuda.SOURCE], set()
+    while pending:
+        source = pending.pop().resolve()
+        if source in seen:
+            continue
+        seen.add(source)
+        assert source.is_file() and source.parent in shipped, source
+        for name in re.findall(r'#include\s+"([^"]+)"', source.read_text()):
+            pending.append(source.parent / name)
+    assert len(seen) >= 2  # the kernel and the shared per-pixel header
