@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glm5v_kernels.ops.tiles import add_row_block_product
+
 
 @triton.jit
 def _tanh(x):
@@ -145,16 +147,7 @@ def lce_dhidden_kernel(
                              HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_K)
             du = _dlogits(z, cols, cols < V, row_ok, tgt, row_lse, grad, V, softcap, label_smoothing, z_loss,
                           HAS_SOFTCAP).to(weight.dtype.element_ty)
-            w_ptr = tl.make_block_ptr(weight, shape=(V, H), strides=(stride_w, 1), offsets=(v0, 0),
-                                      block_shape=(BLOCK_V, BLOCK_H), order=(1, 0))
-            out_ptr = tl.make_block_ptr(dhidden, shape=(n_valid, H), strides=(stride_dh, 1), offsets=(start, 0),
-                                        block_shape=(BLOCK_M, BLOCK_H), order=(1, 0))
-            for _ in range(0, H, BLOCK_H):
-                w = tl.load(w_ptr, boundary_check=(0, 1), padding_option="zero")
-                acc = tl.load(out_ptr, boundary_check=(0, 1), padding_option="zero")
-                tl.store(out_ptr, tl.dot(du, w, acc), boundary_check=(0, 1))
-                w_ptr = tl.advance(w_ptr, (0, BLOCK_H))
-                out_ptr = tl.advance(out_ptr, (0, BLOCK_H))
+            add_row_block_product(du, weight, V, v0, stride_w, dhidden, n_valid, start, stride_dh, H, BLOCK_H)
 
 
 @triton.jit
@@ -184,16 +177,7 @@ def lce_dweight_kernel(
             db += tl.sum(du, 0)
         if NEED_WEIGHT:
             du_t = tl.trans(du.to(hidden.dtype.element_ty))
-            x_ptr = tl.make_block_ptr(hidden, shape=(n_valid, H), strides=(stride_h, 1), offsets=(start, 0),
-                                      block_shape=(BLOCK_M, BLOCK_H), order=(1, 0))
-            out_ptr = tl.make_block_ptr(dweight, shape=(V, H), strides=(stride_dw, 1), offsets=(v0, 0),
-                                        block_shape=(BLOCK_V, BLOCK_H), order=(1, 0))
-            for _ in range(0, H, BLOCK_H):
-                x = tl.load(x_ptr, boundary_check=(0, 1), padding_option="zero")
-                acc = tl.load(out_ptr, boundary_check=(0, 1), padding_option="zero")
-                tl.store(out_ptr, tl.dot(du_t, x, acc), boundary_check=(0, 1))
-                x_ptr = tl.advance(x_ptr, (0, BLOCK_H))
-                out_ptr = tl.advance(out_ptr, (0, BLOCK_H))
+            add_row_block_product(du_t, hidden, n_valid, start, stride_h, dweight, V, v0, stride_dw, H, BLOCK_H)
     if NEED_BIAS:
         tl.store(dbias + cols, db, mask=col_ok)
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from glm5v_kernels.ops.tiles import add_row_block_product
+
 
 @triton.jit
 def _scores_tile(x, y, r0, c0, B1, B2, D, stride_x, stride_y,
@@ -118,16 +120,7 @@ def siglip_dx_kernel(
         acc_cu += tl.sum(c * u, 1)
         if NEED_X:
             ct = (c * scale).to(y.dtype.element_ty)
-            y_ptr = tl.make_block_ptr(y, shape=(B2, D), strides=(stride_y, 1), offsets=(c0, 0),
-                                      block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-            out_ptr = tl.make_block_ptr(dx, shape=(B1, D), strides=(stride_dx, 1), offsets=(r0, 0),
-                                        block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-            for _ in range(0, D, BLOCK_D):
-                yt = tl.load(y_ptr, boundary_check=(0, 1), padding_option="zero")
-                prev = tl.load(out_ptr, boundary_check=(0, 1), padding_option="zero")
-                tl.store(out_ptr, tl.dot(ct, yt, prev), boundary_check=(0, 1))
-                y_ptr = tl.advance(y_ptr, (0, BLOCK_D))
-                out_ptr = tl.advance(out_ptr, (0, BLOCK_D))
+            add_row_block_product(ct, y, B2, c0, stride_y, dx, B1, r0, stride_dx, D, BLOCK_D)
     tl.store(sum_c + rows, acc_c, mask=row_ok)
     tl.store(sum_cu + rows, acc_cu, mask=row_ok)
 
@@ -150,16 +143,7 @@ def siglip_dy_kernel(
         w = _signed_logits(u, rows, cols, scale, bias, DIAGONAL)
         c = _dz(w, rows, cols, (rows < B1)[:, None] & col_ok[None, :], DIAGONAL)
         ct = tl.trans((c * scale).to(x.dtype.element_ty))
-        x_ptr = tl.make_block_ptr(x, shape=(B1, D), strides=(stride_x, 1), offsets=(r0, 0),
-                                  block_shape=(BLOCK_M, BLOCK_D), order=(1, 0))
-        out_ptr = tl.make_block_ptr(dy, shape=(B2, D), strides=(stride_dy, 1), offsets=(c0, 0),
-                                    block_shape=(BLOCK_N, BLOCK_D), order=(1, 0))
-        for _ in range(0, D, BLOCK_D):
-            xt = tl.load(x_ptr, boundary_check=(0, 1), padding_option="zero")
-            prev = tl.load(out_ptr, boundary_check=(0, 1), padding_option="zero")
-            tl.store(out_ptr, tl.dot(ct, xt, prev), boundary_check=(0, 1))
-            x_ptr = tl.advance(x_ptr, (0, BLOCK_D))
-            out_ptr = tl.advance(out_ptr, (0, BLOCK_D))
+        add_row_block_product(ct, x, B1, r0, stride_x, dy, B2, c0, stride_dy, D, BLOCK_D)
 
 
 class Config(NamedTuple):
