@@ -42,7 +42,7 @@ from torch import nn
 from glm5v._checks import check_ints
 from glm5v_kernels import VarlenPlan, rotary_2d, varlen_plan
 from glm5v_kernels.data import PackedImages, interpolate_pos_embed
-from glm5v_kernels.memory import apply_memory_policy
+from glm5v_kernels.memory import PinnedPool, apply_memory_policy
 from glm5v_kernels.nn import QKNormAttention
 
 RECOMPUTE = ("none", "selective", "full")
@@ -259,10 +259,13 @@ class CogViT(nn.Module):
             if param is not None:
                 nn.init.normal_(param, std=0.02)
 
-    def apply_memory_policy(self, recompute: str = "selective", *, every: int = 1, keep_last: int = 1) -> int:
-        """Recompute the activations of the blocks in backward (`glm5v_kernels.memory`): every
-        `every`-th block but the last `keep_last`. Returns how many blocks were wrapped."""
-        return apply_memory_policy(self, CogViTBlock, recompute=recompute, offload=None, every=every,
+    def apply_memory_policy(self, recompute: str = "selective", *, offload: str | None = None,
+                            pool: PinnedPool | None = None, every: int = 1, keep_last: int = 1) -> int:
+        """Recompute the activations of the blocks in backward and optionally offload what they
+        keep to pinned host memory (`glm5v_kernels.memory`: offload "inputs" or "saved", into
+        `pool`; CUDA tensors only): every `every`-th block but the last `keep_last`. Returns how
+        many blocks were wrapped."""
+        return apply_memory_policy(self, CogViTBlock, recompute=recompute, offload=offload, pool=pool, every=every,
                                    keep_last=keep_last)
 
     def forward(self, images: PackedImages, mask: torch.Tensor | None = None, *,

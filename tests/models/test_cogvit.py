@@ -223,6 +223,27 @@ def test_recompute_policy_keeps_gradients():
         wrapped.apply_memory_policy("full")
 
 
+def test_offload_policy_keeps_gradients(monkeypatch):
+    """The blocks' inputs go to a pinned pool (the CUDA-only predicate patched so CPU tensors move
+    too) and come back bit for bit."""
+    from glm5v_kernels import memory
+    from glm5v_kernels.memory import offload
+
+    monkeypatch.setattr(offload, "_should_offload", lambda t: True)
+    memory.reset_stats()
+    base = CogViT(cogvit_tiny(depth=3, mask_token=False))
+    wrapped = CogViT(cogvit_tiny(depth=3, mask_token=False))
+    wrapped.load_state_dict(base.state_dict())
+    pool = memory.PinnedPool(1 << 20, pin_memory=False)
+    assert wrapped.apply_memory_policy("full", offload="inputs", pool=pool, keep_last=0) == 3
+    images = packed(base.config)
+    grads = [torch.autograd.grad(model(images).merged.square().sum(), list(model.parameters()))
+             for model in (base, wrapped)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    assert memory.stats().bytes_offloaded > 0 and pool.used == 0
+
+
 @pytest.mark.interpreter
 def test_triton_kernels_under_the_interpreter_match_the_torch_path():
     from glm5v_kernels._backend import use_backend
