@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from glm5v_kernels.ops.attention import triton as kernels
+from glm5v_kernels.ops.attention.plan import PLAN_BLOCKS
 
 
 def _transforms(norm: str, q_weight, k_weight, q_bias, k_bias, eps, cos, sin, interleaved):
@@ -26,6 +27,11 @@ def _transforms(norm: str, q_weight, k_weight, q_bias, k_bias, eps, cos, sin, in
 def _transformed(x, transform: kernels.Transform):
     """(x normalised then rotated, its (2, H, T) stats) or (x, None) when there is nothing to apply."""
     return (x, None) if transform.is_identity else kernels.transform_qk(x, transform)
+
+
+def _works(work_small, work_large) -> dict[int, Tensor]:
+    """The plan's work lists by block size (PLAN_BLOCKS order), absent ones left out."""
+    return {b: w for b, w in zip(PLAN_BLOCKS, (work_small, work_large)) if w is not None}
 
 
 @torch.library.custom_op("glm5v::varlen_attention_fwd", mutates_args=())
@@ -46,12 +52,6 @@ def varlen_attention_fwd(
 def _(q, k, v, cu_seqlens, work_small, work_large, q_norm_weight, k_norm_weight, q_norm_bias, k_norm_bias,
       rotary_cos, rotary_sin, max_seqlen, causal, softmax_scale, norm, norm_eps, interleaved):
     return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-
-
-def _works(work_small, work_large) -> dict[int, Tensor]:
-    from glm5v_kernels.ops.attention.plan import PLAN_BLOCKS
-
-    return {b: w for b, w in zip(PLAN_BLOCKS, (work_small, work_large)) if w is not None}
 
 
 @torch.library.custom_op("glm5v::varlen_attention_bwd", mutates_args=())
