@@ -420,26 +420,42 @@ def q_transform(norm: int, rotary: bool) -> dict:
     return {"NORM": norm, "HAS_WEIGHT": norm > 0, "HAS_BIAS": norm == 2, "ROTARY": rotary, "INTERLEAVED": False}
 
 
+# (kernel, the dispatcher's configuration for a head dim, constexpr switches)
 ATTENTION_KERNELS = [
-    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_CONFIG, q_transform(0, False), id="fwd"),
-    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_TRANSFORM_CONFIG, q_transform(1, True), id="fwd-rms-rotary"),
-    pytest.param(kernels.attn_fwd_kernel, kernels.FWD_TRANSFORM_CONFIG, q_transform(2, True), id="fwd-layer-rotary"),
-    pytest.param(kernels.attn_bwd_dkdv_kernel, kernels.DKDV_CONFIG, {}, id="bwd-dkdv"),
-    pytest.param(kernels.attn_bwd_dq_kernel, kernels.DQ_CONFIG, {}, id="bwd-dq"),
+    pytest.param(kernels.attn_fwd_kernel, lambda d: kernels.fwd_config(d, fused_q=False), q_transform(0, False),
+                 id="fwd"),
+    pytest.param(kernels.attn_fwd_kernel, lambda d: kernels.fwd_config(d, fused_q=True), q_transform(1, True),
+                 id="fwd-rms-rotary"),
+    pytest.param(kernels.attn_fwd_kernel, lambda d: kernels.fwd_config(d, fused_q=True), q_transform(2, True),
+                 id="fwd-layer-rotary"),
+    pytest.param(kernels.attn_bwd_dkdv_kernel, lambda d: kernels.DKDV_CONFIG, {}, id="bwd-dkdv"),
+    pytest.param(kernels.attn_bwd_dq_kernel, lambda d: kernels.DQ_CONFIG, {}, id="bwd-dq"),
 ]
+
+
+def compile_attention(kernel, config_for, switches, head_dim, causal, use_work):
+    config = config_for(head_dim)
+    da, db = kernels.head_dim_chunks(head_dim)
+    return compile_for_sm90(
+        kernel, signature(kernel, ATTN_POINTERS),
+        {"CAUSAL": causal, "USE_WORK": use_work, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DA": da,
+         "DB": db, **switches},
+        num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("head_dim", [64, 72, 80, 96, 128], ids=lambda d: f"d{d}")
-@pytest.mark.parametrize("kernel,config,switches", ATTENTION_KERNELS)
-def test_attention_kernels_compile_for_sm90(kernel, config, switches, head_dim, causal):
-    da, db = kernels.head_dim_chunks(head_dim)
-    report = compile_for_sm90(
-        kernel, signature(kernel, ATTN_POINTERS),
-        {"CAUSAL": causal, "USE_WORK": True, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DA": da, "DB": db,
-         **switches},
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    assert_compiles_clean(report, expect_wgmma=True)
+@pytest.mark.parametrize("kernel,config_for,switches", ATTENTION_KERNELS)
+def test_attention_kernels_compile_for_sm90(kernel, config_for, switches, head_dim, causal):
+    assert_compiles_clean(compile_attention(kernel, config_for, switches, head_dim, causal, use_work=True),
+                          expect_wgmma=True)
+
+
+@pytest.mark.parametrize("kernel,config_for,switches", ATTENTION_KERNELS)
+def test_attention_kernels_without_a_plan_compile_for_sm90(kernel, config_for, switches):
+    """The grid-scheduled variant (no work list), at the largest head dim."""
+    assert_compiles_clean(compile_attention(kernel, config_for, switches, 128, True, use_work=False),
+                          expect_wgmma=True)
 
 
 @pytest.mark.parametrize("norm", [0, 1, 2], ids=["no-norm", "rms", "layer"])

@@ -469,6 +469,13 @@ class Config(NamedTuple):
     num_stages: int
 
 
+def fwd_config(head_dim: int, fused_q: bool) -> Config:
+    """The forward's configuration: `fused_q` when q's norm or rotary runs in its prologue."""
+    if fused_q:
+        return FWD_TRANSFORM_CONFIG
+    return FWD_CONFIG if head_dim <= 96 else FWD_CONFIG_D128
+
+
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     """(DA, DB): the largest power of two <= head_dim, and the rest rounded up to a power of two
     (0 when none): 64 -> (64, 0), 72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0)."""
@@ -477,11 +484,13 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     return da, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-# One configuration per kernel for every head dim: each compiles for sm_90a without spills at head
-# dims 64 to 128 (tests/kernels/test_attention.py), where 4 warps spill at D >= 96 and 128-query
-# backward blocks spill at D = 128. A forward that normalises and rotates q in its prologue holds
-# more live registers: 128-query blocks spill there from D = 80, so it takes 64. Not yet timed on a GPU.
+# Configurations: each compiles for sm_90a without spills at head dims 64 to 128, with and without
+# a plan (tests/kernels/test_attention.py). 4 warps spill at D >= 96; 128-key backward blocks spill
+# at D = 128; the plain forward spills (4 bytes) with 64-key tiles at D = 128 (causal, no plan),
+# so it takes 32 there; a forward that normalises and rotates q in its prologue holds more live
+# registers: 128-query blocks spill there from D = 80, so it takes 64. Not yet timed on a GPU.
 FWD_CONFIG = Config(128, 64, 8, 3)
+FWD_CONFIG_D128 = Config(128, 32, 8, 3)
 FWD_TRANSFORM_CONFIG = Config(64, 64, 8, 3)
 DKDV_CONFIG = Config(64, 64, 8, 2)
 DQ_CONFIG = Config(64, 64, 8, 2)
@@ -570,7 +579,7 @@ def attention_forward(q, k, v, cu_seqlens, max_seqlen, causal, softmax_scale, wo
     T, Hq, D = q.shape
     da, db = head_dim_chunks(D)
     q_transform = q_transform or Transform()
-    config = FWD_CONFIG if q_transform.is_identity else FWD_TRANSFORM_CONFIG
+    config = fwd_config(D, fused_q=not q_transform.is_identity)
     out = torch.empty_like(q)
     lse = torch.empty(Hq, T, device=q.device, dtype=torch.float32)
     work = work_for(config.block_m)
