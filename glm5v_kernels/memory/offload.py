@@ -46,6 +46,12 @@ def _marked(t: torch.Tensor) -> bool:
     return getattr(t, "_glm5v_no_offload", False) or (t._base is not None and _marked(t._base))
 
 
+def _parameter_data(t: torch.Tensor) -> bool:
+    """A parameter or a view of one (matrix products save weight.t()): it stays alive anyway, so
+    offloading it would free nothing."""
+    return isinstance(t, torch.nn.Parameter) or (t._base is not None and _parameter_data(t._base))
+
+
 @contextlib.contextmanager
 def no_offload() -> Iterator[None]:
     """Nothing saved inside this context is offloaded."""
@@ -208,7 +214,7 @@ class Offloader:
         input_storages = {t.untyped_storage().data_ptr() for t in inputs}
 
         def chosen(t: torch.Tensor) -> bool:
-            if getattr(_state, "disabled", False) or _marked(t) or isinstance(t, torch.nn.Parameter):
+            if getattr(_state, "disabled", False) or _marked(t) or _parameter_data(t):
                 return False
             if mode == "inputs":
                 return t.untyped_storage().data_ptr() in input_storages

@@ -144,3 +144,12 @@ def test_cuda_offload_frees_device_memory_and_keeps_gradients():
     assert kept[1] < 0.3 * kept[0]
     for a, b in zip(gradients(plain, x, upstream), gradients(wrapped, x, upstream)):
         assert torch.equal(a, b)
+
+
+def test_parameters_and_their_views_stay(offload_cpu):
+    """A matrix product saves weight.t(), a view of the parameter: never worth offloading."""
+    layer = torch.nn.Linear(512, 512, bias=False)  # a 1 MiB weight, at the "saved" threshold
+    x = torch.randn(8, 512, requires_grad=True)
+    offloaded_checkpoint(layer, x, recompute="none", offload="saved").sum().backward()
+    assert memory.stats().bytes_offloaded == 0
+    assert memory.stats().bytes_kept >= layer.weight.nbytes
