@@ -113,6 +113,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, causal=False, softmax_s
 
     q: (total, Hq, D); k, v: (total, Hkv, D) with Hq % Hkv == 0 (grouped-query attention);
     cu_seqlens: (B + 1,) int32 on the tensors' device; max_seqlen: Python int >= every length.
+    cu_seqlens' values and max_seqlen are checked on the host for CPU tensors and by `varlen_plan`;
+    CUDA tensors without a plan are taken as given (checking would cost a device sync each call,
+    and a too-small max_seqlen leaves rows unwritten, as in flash-attn): pass a plan.
     causal: each query sees the keys at or before its position in its sequence.
     softmax_scale: default D ** -0.5. qk_norm: None, "rms" or "layer", over the head dim with
     weights (D,) (and biases (D,) for "layer"), applied before rotary. rotary_cos / rotary_sin:
