@@ -226,6 +226,52 @@ def _store_chunk(base, tile, row0, length, stride_t, col0, head_dim, ROWS: tl.co
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=mask)
 
 
+# A (ROWS, head_dim) tile is held as two chunks: channels [0, DA) and [DA, DA + DB). With DB == 0
+# the second chunk is a (ROWS, 16) zero placeholder that no instruction reads.
+
+
+@triton.jit
+def _load_rows(base, row0, length, stride_t, head_dim, ROWS: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    a = _load_chunk(base, row0, length, stride_t, 0, head_dim, ROWS, DA)
+    if DB > 0:
+        b = _load_chunk(base, row0, length, stride_t, DA, head_dim, ROWS, DB)
+    else:
+        b = tl.zeros((ROWS, 16), dtype=base.dtype.element_ty)
+    return a, b
+
+
+@triton.jit
+def _zero_rows(ROWS: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
+    """float32 accumulators for a two-chunk tile."""
+    return tl.zeros((ROWS, DA), dtype=tl.float32), tl.zeros((ROWS, DB if DB > 0 else 16), dtype=tl.float32)
+
+
+@triton.jit
+def _store_rows(base, a, b, row0, length, stride_t, head_dim, ROWS: tl.constexpr, DA: tl.constexpr,
+                DB: tl.constexpr):
+    _store_chunk(base, a, row0, length, stride_t, 0, head_dim, ROWS, DA)
+    if DB > 0:
+        _store_chunk(base, b, row0, length, stride_t, DA, head_dim, ROWS, DB)
+
+
+@triton.jit
+def _dot_t(x_a, x_b, y_a, y_b, DB: tl.constexpr):
+    """x · yᵀ over both channel chunks: (R, D) · (S, D)ᵀ -> (R, S) float32."""
+    out = tl.dot(x_a, tl.trans(y_a))
+    if DB > 0:
+        out = tl.dot(x_b, tl.trans(y_b), out)
+    return out
+
+
+@triton.jit
+def _dot_acc(p, y_a, y_b, acc_a, acc_b, DB: tl.constexpr):
+    """(acc_a + p · y_a, acc_b + p · y_b): (R, S) · (S, D) into two-chunk accumulators."""
+    acc_a = tl.dot(p, y_a, acc_a)
+    if DB > 0:
+        acc_b = tl.dot(p, y_b, acc_b)
+    return acc_a, acc_b
+
+
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, Out, LSE, cu_seqlens, work, W, B, Cos, Sin,
@@ -249,11 +295,8 @@ def attn_fwd_kernel(
         q_base = Q + (start * stride_qt + h * stride_qh)
         k_base = K + (start * stride_kt + kv_h * stride_kh)
         v_base = V + (start * stride_vt + kv_h * stride_vh)
-        q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
-        acc_a = tl.zeros((BLOCK_M, DA), dtype=tl.float32)
-        if DB > 0:
-            q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
-            acc_b = tl.zeros((BLOCK_M, DB), dtype=tl.float32)
+        q_a, q_b = _load_rows(q_base, m_start, length, stride_qt, head_dim, BLOCK_M, DA, DB)
+        acc_a, acc_b = _zero_rows(BLOCK_M, DA, DB)
         if NORM != 0 or ROTARY:
             tokens = start + rows
             q_rows = Q + tokens[:, None] * stride_qt + h * stride_qh
@@ -284,11 +327,8 @@ def attn_fwd_kernel(
         for n_start in range(0, n_end, BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < length
-            k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
-            s = tl.dot(q_a, tl.trans(k_a))
-            if DB > 0:
-                k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
-                s = tl.dot(q_b, tl.trans(k_b), s)
+            k_a, k_b = _load_rows(k_base, n_start, length, stride_kt, head_dim, BLOCK_N, DA, DB)
+            s = _dot_t(q_a, q_b, k_a, k_b, DB)
             valid = col_ok[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= rows[:, None])
@@ -298,16 +338,12 @@ def attn_fwd_kernel(
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             p = p.to(V.dtype.element_ty)
-            v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
-            acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
-            if DB > 0:
-                v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
-                acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+            v_a, v_b = _load_rows(v_base, n_start, length, stride_vt, head_dim, BLOCK_N, DA, DB)
+            acc_a, acc_b = _dot_acc(p, v_a, v_b, acc_a * alpha[:, None], acc_b * alpha[:, None], DB)
             m_i = m_new
         o_base = Out + (start * stride_ot + h * stride_oh)
-        _store_chunk(o_base, acc_a / l_i[:, None], m_start, length, stride_ot, 0, head_dim, BLOCK_M, DA)
-        if DB > 0:
-            _store_chunk(o_base, acc_b / l_i[:, None], m_start, length, stride_ot, DA, head_dim, BLOCK_M, DB)
+        _store_rows(o_base, acc_a / l_i[:, None], acc_b / l_i[:, None], m_start, length, stride_ot, head_dim,
+                    BLOCK_M, DA, DB)
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
         tl.store(LSE + h * total_tokens + start + rows, lse, mask=row_ok)
 
@@ -349,15 +385,10 @@ def attn_bwd_dkdv_kernel(
         col_ok = cols < length
         k_base = K + (start * stride_kt + kv_h * stride_kh)
         v_base = V + (start * stride_vt + kv_h * stride_vh)
-        k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
-        v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
-        dk_a = tl.zeros((BLOCK_N, DA), dtype=tl.float32)
-        dv_a = tl.zeros((BLOCK_N, DA), dtype=tl.float32)
-        if DB > 0:
-            k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
-            v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
-            dk_b = tl.zeros((BLOCK_N, DB), dtype=tl.float32)
-            dv_b = tl.zeros((BLOCK_N, DB), dtype=tl.float32)
+        k_a, k_b = _load_rows(k_base, n_start, length, stride_kt, head_dim, BLOCK_N, DA, DB)
+        v_a, v_b = _load_rows(v_base, n_start, length, stride_vt, head_dim, BLOCK_N, DA, DB)
+        dk_a, dk_b = _zero_rows(BLOCK_N, DA, DB)
+        dv_a, dv_b = _zero_rows(BLOCK_N, DA, DB)
         m_lo = 0
         if CAUSAL:
             m_lo = (n_start // BLOCK_M) * BLOCK_M
@@ -369,15 +400,10 @@ def attn_bwd_dkdv_kernel(
             for m_start in range(m_lo, length, BLOCK_M):
                 rows = m_start + tl.arange(0, BLOCK_M)
                 row_ok = rows < length
-                q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
-                do_a = _load_chunk(do_base, m_start, length, stride_dot, 0, head_dim, BLOCK_M, DA)
-                s_t = tl.dot(k_a, tl.trans(q_a))
-                dp_t = tl.dot(v_a, tl.trans(do_a))
-                if DB > 0:
-                    q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
-                    do_b = _load_chunk(do_base, m_start, length, stride_dot, DA, head_dim, BLOCK_M, DB)
-                    s_t = tl.dot(k_b, tl.trans(q_b), s_t)
-                    dp_t = tl.dot(v_b, tl.trans(do_b), dp_t)
+                q_a, q_b = _load_rows(q_base, m_start, length, stride_qt, head_dim, BLOCK_M, DA, DB)
+                do_a, do_b = _load_rows(do_base, m_start, length, stride_dot, head_dim, BLOCK_M, DA, DB)
+                s_t = _dot_t(k_a, k_b, q_a, q_b, DB)
+                dp_t = _dot_t(v_a, v_b, do_a, do_b, DB)
                 lse2 = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
                 delta = tl.load(Delta + stats + rows, mask=row_ok, other=0.0)
                 valid = col_ok[:, None] & row_ok[None, :]
@@ -386,18 +412,13 @@ def attn_bwd_dkdv_kernel(
                 p_t = tl.where(valid, tl.math.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
                 ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty)
                 p_t = p_t.to(DO.dtype.element_ty)
-                dv_a = tl.dot(p_t, do_a, dv_a)
-                dk_a = tl.dot(ds_t, q_a, dk_a)
-                if DB > 0:
-                    dv_b = tl.dot(p_t, do_b, dv_b)
-                    dk_b = tl.dot(ds_t, q_b, dk_b)
+                dv_a, dv_b = _dot_acc(p_t, do_a, do_b, dv_a, dv_b, DB)
+                dk_a, dk_b = _dot_acc(ds_t, q_a, q_b, dk_a, dk_b, DB)
         dk_base = DK + (start * stride_dkt + kv_h * stride_dkh)
         dv_base = DV + (start * stride_dvt + kv_h * stride_dvh)
-        _store_chunk(dk_base, dk_a * softmax_scale, n_start, length, stride_dkt, 0, head_dim, BLOCK_N, DA)
-        _store_chunk(dv_base, dv_a, n_start, length, stride_dvt, 0, head_dim, BLOCK_N, DA)
-        if DB > 0:
-            _store_chunk(dk_base, dk_b * softmax_scale, n_start, length, stride_dkt, DA, head_dim, BLOCK_N, DB)
-            _store_chunk(dv_base, dv_b, n_start, length, stride_dvt, DA, head_dim, BLOCK_N, DB)
+        _store_rows(dk_base, dk_a * softmax_scale, dk_b * softmax_scale, n_start, length, stride_dkt, head_dim,
+                    BLOCK_N, DA, DB)
+        _store_rows(dv_base, dv_a, dv_b, n_start, length, stride_dvt, head_dim, BLOCK_N, DA, DB)
 
 
 @triton.jit
@@ -420,13 +441,9 @@ def attn_bwd_dq_kernel(
         do_base = DO + (start * stride_dot + h * stride_doh)
         k_base = K + (start * stride_kt + kv_h * stride_kh)
         v_base = V + (start * stride_vt + kv_h * stride_vh)
-        q_a = _load_chunk(q_base, m_start, length, stride_qt, 0, head_dim, BLOCK_M, DA)
-        do_a = _load_chunk(do_base, m_start, length, stride_dot, 0, head_dim, BLOCK_M, DA)
-        dq_a = tl.zeros((BLOCK_M, DA), dtype=tl.float32)
-        if DB > 0:
-            q_b = _load_chunk(q_base, m_start, length, stride_qt, DA, head_dim, BLOCK_M, DB)
-            do_b = _load_chunk(do_base, m_start, length, stride_dot, DA, head_dim, BLOCK_M, DB)
-            dq_b = tl.zeros((BLOCK_M, DB), dtype=tl.float32)
+        q_a, q_b = _load_rows(q_base, m_start, length, stride_qt, head_dim, BLOCK_M, DA, DB)
+        do_a, do_b = _load_rows(do_base, m_start, length, stride_dot, head_dim, BLOCK_M, DA, DB)
+        dq_a, dq_b = _zero_rows(BLOCK_M, DA, DB)
         stats = h * total_tokens + start
         lse2 = tl.load(LSE + stats + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + stats + rows, mask=row_ok, other=0.0)
@@ -436,27 +453,19 @@ def attn_bwd_dq_kernel(
         for n_start in range(0, n_end, BLOCK_N):
             cols = n_start + tl.arange(0, BLOCK_N)
             col_ok = cols < length
-            k_a = _load_chunk(k_base, n_start, length, stride_kt, 0, head_dim, BLOCK_N, DA)
-            v_a = _load_chunk(v_base, n_start, length, stride_vt, 0, head_dim, BLOCK_N, DA)
-            s = tl.dot(q_a, tl.trans(k_a))
-            dp = tl.dot(do_a, tl.trans(v_a))
-            if DB > 0:
-                k_b = _load_chunk(k_base, n_start, length, stride_kt, DA, head_dim, BLOCK_N, DB)
-                v_b = _load_chunk(v_base, n_start, length, stride_vt, DA, head_dim, BLOCK_N, DB)
-                s = tl.dot(q_b, tl.trans(k_b), s)
-                dp = tl.dot(do_b, tl.trans(v_b), dp)
+            k_a, k_b = _load_rows(k_base, n_start, length, stride_kt, head_dim, BLOCK_N, DA, DB)
+            v_a, v_b = _load_rows(v_base, n_start, length, stride_vt, head_dim, BLOCK_N, DA, DB)
+            s = _dot_t(q_a, q_b, k_a, k_b, DB)
+            dp = _dot_t(do_a, do_b, v_a, v_b, DB)
             valid = row_ok[:, None] & col_ok[None, :]
             if CAUSAL:
                 valid = valid & (cols[None, :] <= rows[:, None])
             p = tl.where(valid, tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
             ds = (p * (dp - delta[:, None])).to(K.dtype.element_ty)
-            dq_a = tl.dot(ds, k_a, dq_a)
-            if DB > 0:
-                dq_b = tl.dot(ds, k_b, dq_b)
+            dq_a, dq_b = _dot_acc(ds, k_a, k_b, dq_a, dq_b, DB)
         dq_base = DQ + (start * stride_dqt + h * stride_dqh)
-        _store_chunk(dq_base, dq_a * softmax_scale, m_start, length, stride_dqt, 0, head_dim, BLOCK_M, DA)
-        if DB > 0:
-            _store_chunk(dq_base, dq_b * softmax_scale, m_start, length, stride_dqt, DA, head_dim, BLOCK_M, DB)
+        _store_rows(dq_base, dq_a * softmax_scale, dq_b * softmax_scale, m_start, length, stride_dqt, head_dim,
+                    BLOCK_M, DA, DB)
 
 
 # -- launchers ------------------------------------------------------------------------------------
