@@ -2,6 +2,10 @@
 against the plain-torch reference in the same dtype, that reference under torch.compile, and
 torch.optim.Muon's step on one matrix.
 
+`glm5v` measures, on its first call per shape, one step of the symmetric kernels against plain
+batched matmuls and takes the faster; `glm5v-symmetric-only` forces the kernels, and the
+`path` / `step_seconds_*` fields of `glm5v`'s rows record that measurement: the crossover.
+
 FLOPs are counted as 5·(4m²n + 2m³) for m ≤ n (the full products); the symmetric kernels skip up
 to a third of them: `theoretical_symmetric_speedup` = (4m²n + 2m³) / (3m²n + m³) is recorded
 beside each result, to set the measured speedup over the reference against. Targets, recorded
@@ -17,7 +21,7 @@ import torch
 from benchlib import cuda_synchronized, providers, record
 
 from glm5v_kernels import newton_schulz
-from glm5v_kernels.ops.muon import reference
+from glm5v_kernels.ops.muon import force_path, path_choices, reference
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -53,6 +57,11 @@ def ns_flops(shape) -> tuple[int, float]:
 def make_fn(provider: str, G: torch.Tensor):
     if provider == "glm5v":
         return lambda: newton_schulz(G, steps=STEPS, dtype=DTYPE)
+    if provider == "glm5v-symmetric-only":
+        def symmetric():
+            with force_path("symmetric"):
+                return newton_schulz(G, steps=STEPS, dtype=DTYPE)
+        return symmetric
     if provider == "torch-reference":
         return lambda: reference.newton_schulz(G, steps=STEPS, dtype=DTYPE)
     if provider == "torch-compile":
@@ -72,22 +81,35 @@ def make_fn(provider: str, G: torch.Tensor):
 
 
 @pytest.mark.parametrize("shape_name", list(SHAPES) if ON_GPU else list(CPU_SHAPES))
-@pytest.mark.parametrize("provider", providers("glm5v", "torch-reference", "torch-compile", "torch-optim-muon",
-                                               gpu_only=("torch-compile", "torch-optim-muon")))
+@pytest.mark.parametrize("provider", providers("glm5v", "glm5v-symmetric-only", "torch-reference", "torch-compile",
+                                               "torch-optim-muon",
+                                               gpu_only=("glm5v-symmetric-only", "torch-compile", "torch-optim-muon")))
 def test_newton_schulz(benchmark, provider, shape_name):
     shape = (SHAPES if ON_GPU else CPU_SHAPES)[shape_name]
     G = torch.randn(*shape, device=DEVICE)
     fn = make_fn(provider, G)
-    if provider == "glm5v":  # same function as the reference, to the iteration dtype's precision
+    if provider.startswith("glm5v"):  # same function as the reference, to the iteration dtype's precision
         expected = reference.newton_schulz(G, steps=STEPS, dtype=torch.float32)
         error = torch.linalg.vector_norm(fn().float() - expected) / torch.linalg.vector_norm(expected)
         assert error < (3e-2 if DTYPE == torch.bfloat16 else 1e-4), error
     benchmark(cuda_synchronized(fn))
     flops, symmetric_speedup = ns_flops(shape)
     record(benchmark, group=f"muon-ns/{shape_name}/{str(DTYPE).removeprefix('torch.')}", provider=provider,
-                    ours=provider == "glm5v", flops=flops, dtype=DTYPE, theoretical_symmetric_speedup=symmetric_speedup,
-                    backend="triton" if ON_GPU else "torch (CPU: the reference path)",
-                    target_ratio=TARGETS.get(shape_name) if provider == "glm5v" else None)
+           ours=provider == "glm5v", flops=flops, dtype=DTYPE, theoretical_symmetric_speedup=symmetric_speedup,
+           backend="triton" if ON_GPU else "torch (CPU: the reference path)",
+           target_ratio=TARGETS.get(shape_name) if provider == "glm5v" else None,
+           **(measured_choice(G) if provider == "glm5v" and ON_GPU else {}))
+
+
+def measured_choice(G: torch.Tensor) -> dict:
+    """The path newton_schulz measured and took for G, with one step's time on each path: the
+    crossover between the symmetric kernels and plain matmuls, as measured on this GPU."""
+    *batch, rows, cols = G.shape
+    count = 1
+    for b in batch:
+        count *= b
+    choice = path_choices()[(str(G.device), (count, min(rows, cols), max(rows, cols)), DTYPE)]
+    return {"path": choice.path, **{f"step_seconds_{path}": s for path, s in choice.seconds.items()}}
 
 
 def cogvit_l_parameters(device) -> list[torch.nn.Parameter]:

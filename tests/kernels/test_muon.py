@@ -4,12 +4,15 @@ the kernel's sm_90a compile report."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from glm5v_kernels import newton_schulz
 from glm5v_kernels._backend import use_backend
-from glm5v_kernels.ops.muon import reference
+from glm5v_kernels.ops.muon import force_path, path_choices, reference
+from glm5v_kernels.ops.muon import op as muon_op
 from glm5v_kernels.testing import TARGET, assert_close, assert_compiles_clean, compile_for_sm90, dtype_id, poison_
 
 triton_ops = pytest.importorskip("glm5v_kernels.ops.muon.triton")
@@ -137,6 +140,69 @@ def test_bad_arguments_raise(kwargs, error, match):
 def test_bf16_under_the_interpreter_is_refused():
     with use_backend("interpret"), pytest.raises(ValueError, match="interpreter"):
         newton_schulz(torch.randn(8, 8), dtype=torch.bfloat16)
+
+
+# -- the choice between the symmetric kernels and plain matmuls ----------------------------------
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("shape", [(2, 30, 50), (50, 30)], ids=["batched-wide", "tall"])
+def test_forced_matmul_path_is_the_reference_iteration(shape):
+    """The fallback runs the reference's own steps: the same bits as reference.newton_schulz on
+    the CPU (cuBLAS may pick other kernels for the reference's transposed views)."""
+    G = torch.randn(*shape, device=DEVICE)
+    with use_backend(BACKEND), force_path("matmul"):
+        out = newton_schulz(G, dtype=torch.float32)
+    expected = reference.newton_schulz(G, dtype=torch.float32)
+    if ON_GPU:
+        assert_close(out, expected, dtype=FP32_TOL, name="matmul path")
+    else:
+        assert torch.equal(out, expected)
+
+
+def test_measured_choice_takes_the_faster_path_once_per_shape(monkeypatch):
+    """Each path is timed once per (device, shape, dtype) on one step; the faster one is kept."""
+    calls = {"symmetric": 0, "matmul": 0}
+
+    def fake(path, delay):
+        def steps(X, table):
+            calls[path] += 1
+            time.sleep(delay(X))
+            return X
+        return steps
+
+    # the kernel loses on small matrices and wins on large ones
+    monkeypatch.setattr(muon_op, "STEPS", {"symmetric": fake("symmetric", lambda X: 0.004 if X.shape[1] < 64 else 0),
+                                           "matmul": fake("matmul", lambda X: 0 if X.shape[1] < 64 else 0.004)})
+    monkeypatch.setattr(muon_op, "_choices", {})
+    step = reference.JORDAN
+    small, large = torch.zeros(1, 16, 32), torch.zeros(2, 96, 128)
+    assert muon_op.choose_path(small, step, measure=True) == "matmul"
+    assert muon_op.choose_path(large, step, measure=True) == "symmetric"
+    runs = 1 + muon_op.TIMED_RUNS
+    assert calls == {"symmetric": 2 * runs, "matmul": 2 * runs}
+    assert muon_op.choose_path(small, step, measure=True) == "matmul" and calls["matmul"] == 2 * runs
+    choices = path_choices()
+    assert [c.path for c in choices.values()] == ["matmul", "symmetric"]
+    assert ("cpu", (2, 96, 128), torch.float32) in choices
+    with force_path("matmul"):
+        assert muon_op.choose_path(large, step, measure=True) == "matmul"
+    assert muon_op.choose_path(large, step, measure=False) == "symmetric"  # the interpreter: the kernel
+
+
+def test_force_path_rejects_unknown_paths():
+    with pytest.raises(ValueError, match="path must be one of"), force_path("cublas"):
+        pass
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the measured choice runs on the compiled backend only")
+def test_gpu_choice_is_measured_and_both_paths_agree():
+    G = torch.randn(3, 100, 300, device=DEVICE)
+    out = newton_schulz(G, dtype=torch.float32)
+    assert (str(out.device), (3, 100, 300), torch.float32) in path_choices()
+    for path in muon_op.PATHS:
+        with force_path(path):
+            assert_close(newton_schulz(G, dtype=torch.float32), out, tol=2e-4, name=path)
 
 
 def test_polar_express_repeats_its_last_tuple():

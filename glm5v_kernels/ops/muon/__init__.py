@@ -6,6 +6,7 @@ import torch
 
 from glm5v_kernels._backend import select_backend
 from glm5v_kernels.ops.muon import reference
+from glm5v_kernels.ops.muon.op import PathChoice, force_path, newton_schulz_triton, path_choices
 
 _NS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -20,6 +21,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", eps: f
     "polar_express" (per-step tuples of arXiv:2505.16932, see reference.py), or a list of
     (a, b, c) whose last tuple repeats. dtype: the iteration's dtype; default bfloat16 on CUDA,
     float32 on the CPU (the CPU path is the plain-PyTorch reference).
+
+    On CUDA each step runs either the symmetric Gram kernels or plain batched matmuls, whichever
+    was faster when the first call of this (shape, dtype) timed one step of each (small matrices,
+    where launches dominate, go to cuBLAS): see `ops/muon/op.py`, `path_choices()` and
+    `force_path()`.
     """
     if not isinstance(G, torch.Tensor):
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
@@ -40,13 +46,11 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", eps: f
     backend = select_backend(G)
     if backend == "torch":
         return reference.newton_schulz(G, steps, coefficients, eps, dtype)
-    from glm5v_kernels.ops.muon.op import newton_schulz_triton
-
     if backend == "interpret" and dtype == torch.bfloat16:
         raise ValueError("dtype=torch.bfloat16 cannot run under the Triton interpreter (its bf16 dots are wrong); "
                          "use float32 or float16 there")
     default = torch.bfloat16 if backend == "triton" else torch.float32
-    return newton_schulz_triton(G, steps, coefficients, eps, dtype or default)
+    return newton_schulz_triton(G, steps, coefficients, eps, dtype or default, measure=backend == "triton")
 
 
-__all__ = ["newton_schulz"]
+__all__ = ["PathChoice", "force_path", "newton_schulz", "path_choices"]

@@ -68,15 +68,18 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients="jordan", eps: f
     table, scale = resolve_coefficients(coefficients, steps)
     X = normalize(G, eps, scale).to(dtype or torch.float32)
     tall = G.shape[-2] > G.shape[-1]
-    if tall:
-        X = X.mT
+    X = polynomial_steps(X.mT if tall else X, table)
+    return (X.mT if tall else X).to(G.dtype)
+
+
+def polynomial_steps(X: torch.Tensor, table) -> torch.Tensor:
+    """The iteration on a normalised X (..., m, n) with m <= n, one step per (a, b, c) of table,
+    in X's dtype with plain (batched) matrix products."""
     for a, b, c in table:
         A = X @ X.mT
         B = b * A + c * (A @ A)
         X = a * X + B @ X
-    if tall:
-        X = X.mT
-    return X.to(G.dtype)
+    return X
 
 
 def sym_gram(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
