@@ -264,6 +264,7 @@ class Result(NamedTuple):
     items_per_s: float | None
     target_ratio: float | None
     fullname: str | None = None
+    ideal: tuple[str, float] | None = None  # (baseline provider, the speedup over it in theory)
 
 
 # Session-level list of results, filled by record() and reset at the start of each session.
@@ -312,6 +313,7 @@ def record(
     item_name: str = "items",
     peak_memory: int | None = None,
     target_ratio: float | None = None,
+    ideal: tuple[str, float] | None = None,
     **extra: Any,
 ) -> Result:
     """Record one provider's run; call right after ``benchmark(fn)``.
@@ -320,8 +322,10 @@ def record(
     % of the device peak (when the device is known; pass ``dtype=`` to pick the FLOP/s peak,
     default bf16), ``<item_name>_per_s``, peak memory (``torch.cuda.max_memory_allocated()`` on
     CUDA when ``peak_memory`` is not given; conftest resets the peak before each bench), the
-    target and any ``extra`` keys, and appends a :class:`Result` to :data:`results`. Under
-    ``--benchmark-disable`` nothing timing-related is recorded.
+    target and any ``extra`` keys, and appends a :class:`Result` to :data:`results`. ``ideal``:
+    (baseline provider of the same group, the speedup over it that the method allows in theory);
+    the summary then reports the fraction of that speedup reached. Under ``--benchmark-disable``
+    nothing timing-related is recorded.
     """
     if target_ratio is not None and not target_ratio > 0:
         raise ValueError(f"record: target_ratio must be positive, got {target_ratio}")
@@ -385,6 +389,7 @@ def record(
         items_per_s=items_per_s,
         target_ratio=None if target_ratio is None else float(target_ratio),
         fullname=getattr(benchmark, "fullname", None),
+        ideal=None if ideal is None else (str(ideal[0]), float(ideal[1])),
     )
     results.append(result)
     return result
@@ -401,6 +406,7 @@ class Comparison(NamedTuple):
     best_peer: Result | None
     ratio: float | None  # best peer median / our median: > 1 means ours is faster
     target_met: bool | None
+    ideal_fraction: float | None = None  # speedup over ours.ideal's baseline / the ideal speedup
 
 
 def compare(rows: Iterable[Result] | None = None) -> list[Comparison]:
@@ -420,8 +426,16 @@ def compare(rows: Iterable[Result] | None = None) -> list[Comparison]:
             met = None
             if r.target_ratio is not None and ratio is not None:
                 met = ratio >= r.target_ratio
-            out.append(Comparison(group, r, best, ratio, met))
+            out.append(Comparison(group, r, best, ratio, met, _ideal_fraction(r, members)))
     return out
+
+
+def _ideal_fraction(ours: Result, members: list[Result]) -> float | None:
+    if ours.ideal is None:
+        return None
+    baseline, ideal = ours.ideal
+    timed = [r.median for r in members if r.provider == baseline and r.median is not None]
+    return timed[0] / ours.median / ideal if timed else None
 
 
 def format_time(seconds: float | None) -> str:
@@ -464,11 +478,12 @@ def summary_lines(rows: Iterable[Result] | None = None) -> list[str]:
                 format_time(c.best_peer.median) if c.best_peer else "-",
                 f"{c.ratio:.2f}x" if c.ratio is not None else "-",
                 target,
+                "-" if c.ideal_fraction is None else f"{100 * c.ideal_fraction:.0f}% vs {c.ours.ideal[0]}",
             ]
         )
     if not table:
         return ["no timed 'ours' provider to compare (peers only, or ours skipped)"]
-    header = ["group", "ours", "median", "best peer", "peer median", "speedup", "target"]
+    header = ["group", "ours", "median", "best peer", "peer median", "speedup", "target", "of ideal speedup"]
     return _table(header, table)
 
 
@@ -582,6 +597,8 @@ def pytest_benchmark_update_json(config: Any, benchmarks: Any, output_json: dict
             extra["ratio_to_best_peer"] = round(comparison.ratio, 4)
         if comparison.target_met is not None:
             extra["target_met"] = comparison.target_met
+        if comparison.ideal_fraction is not None:
+            extra["fraction_of_ideal_speedup"] = round(comparison.ideal_fraction, 4)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
