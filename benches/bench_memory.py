@@ -18,12 +18,11 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from benchlib import cuda_synchronized, providers, record
 from torch import nn
 
+from glm5v.models.cogvit import CogViTBlock, CogViTConfig
 from glm5v_kernels import memory, rotary_2d, varlen_plan
-from glm5v_kernels.nn import QKNormAttention
 
 ON_GPU = torch.cuda.is_available()
 POLICIES = {  # provider -> (recompute, offload)
@@ -35,25 +34,13 @@ POLICIES = {  # provider -> (recompute, offload)
 TARGET_TEXT = "selective+offload: activation peak <= 40% of none's at <= 1.05x its step time"
 
 
-class Block(nn.Module):
-    """Pre-norm CogViT block: RMSNorm, QK-norm attention with 2D rotary, RMSNorm, SiLU-gated MLP."""
-
-    def __init__(self, width: int, heads: int, mlp: int):
-        super().__init__()
-        self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
-        self.attn = QKNormAttention(width, heads, qk_norm="rms")
-        self.gate_up, self.down = nn.Linear(width, 2 * mlp), nn.Linear(mlp, width)
-
-    def forward(self, x, plan, cos, sin):
-        x = x + self.attn(self.norm1(x), plan=plan, rotary_cos=cos, rotary_sin=sin)
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
 class Stack(nn.Module):
+    """CogViT's blocks: RMSNorm, RMS QK-norm attention with 2D rotary, RMSNorm, SiLU-gated MLP."""
+
     def __init__(self, blocks: int, width: int, heads: int, mlp: int):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp) for _ in range(blocks))
+        config = CogViTConfig(depth=blocks, width=width, num_heads=heads, mlp_hidden=mlp)
+        self.blocks = nn.ModuleList(CogViTBlock(config) for _ in range(blocks))
 
     def forward(self, x, plan, cos, sin):
         for block in self.blocks:
@@ -76,7 +63,7 @@ def model_with_policy(policy: str, blocks: int, width: int, heads: int, mlp: int
     model = Stack(blocks, width, heads, mlp).to(device=device, dtype=dtype)
     recompute, offload = POLICIES[policy]
     if recompute != "none":
-        memory.apply_memory_policy(model, Block, recompute=recompute, offload=offload, keep_last=0)
+        memory.apply_memory_policy(model, CogViTBlock, recompute=recompute, offload=offload, keep_last=0)
     return model
 
 
@@ -107,9 +94,10 @@ def test_cogvit_l_step(benchmark, policy):
 
 
 def test_saved_bytes_table_cpu(benchmark):
-    """What one forward leaves for backward on the CPU path (4 blocks, width 256, 8 images of 64
-    patches, fp32); offload is a no-op on CPU tensors, so selective+offload equals selective."""
-    x, plan, cos, sin = packed_images(8, 8, 256, 4, "cpu", torch.float32)
+    """What one forward leaves for backward on the CPU path (4 blocks, width 256, 2 images of
+    32 x 32 patches, fp32); offload is a no-op on CPU tensors, so selective+offload equals
+    selective. tests/memory/test_memory.py has the fused kernel's table (under the interpreter)."""
+    x, plan, cos, sin = packed_images(2, 32, 256, 4, "cpu", torch.float32)
     x.requires_grad_()
     kept = {policy: memory.saved_bytes(model_with_policy(policy, 4, 256, 4, 1024, "cpu", torch.float32),
                                        x, plan, cos, sin) for policy in POLICIES}

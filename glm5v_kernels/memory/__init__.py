@@ -5,7 +5,8 @@ backward recomputes what the policy does not keep and finds what it offloaded ba
 `apply_memory_policy(model, block_cls, ...)` wraps every chosen block of a model.
 
 recompute: "selective" keeps the outputs of matrix products and attention (with its
-log-sum-exp) and recomputes the cheap elementwise work around them (norms, activations, rotary):
+log-sum-exp) and recomputes the cheap elementwise work around them (norms, activations, rotary),
+and, where attention runs as plain batched products (the CPU reference), its score matrices:
 torch's selective-checkpoint contexts with the policy in `selective_policy`. "full" keeps only
 the block's input. "none" keeps what autograd keeps.
 
@@ -16,8 +17,13 @@ outputs live in the checkpoint's own cache and stay on the device). Copies run o
 stream into `pool` (a `PinnedPool`, or fresh pinned memory when None) and come back one block
 ahead in backward (see `offload.py`). `no_offload()` and `mark_not_offload(tensor)` keep tensors
 on the device; `stats()` reports bytes moved and kept and copy time exposed. Offload moves CUDA
-tensors only: for CPU tensors it is a no-op. `saved_bytes(fn, *args)` measures what a forward
-leaves alive for backward.
+tensors only: for CPU tensors it is a no-op. `saved_bytes(fn, *args, by_op=...)` measures what a
+forward leaves alive for backward, in total or by the op that made each tensor.
+
+What selective saves depends on the attention: where it runs as plain products, "none" keeps
+(heads, L, L) scores and probabilities per block and selective drops them; the fused kernel keeps
+only out and lse, so there selective saves the norms' and activations' outputs alone (about 43%
+on a CogViT block: tests/memory/test_memory.py).
 """
 
 from __future__ import annotations
@@ -63,10 +69,26 @@ for _name in ("_scaled_dot_product_cudnn_attention", "_flash_attention_forward",
 SAVE_OP_NAMES = {"glm5v::varlen_attention_fwd"}
 
 
+_BATCHED_PRODUCTS = {_aten.bmm.default, _aten.baddbmm.default}
+
+
 def selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """MUST_SAVE for the ops in SAVE_OPS / SAVE_OP_NAMES, PREFER_RECOMPUTE for the rest.
+
+    A batched product whose output is larger than each of its operands is recomputed: that is
+    attention's (heads, L, L) score matrix when attention runs as plain products, the memory that
+    selective recompute exists to drop; keeping its operands costs less than keeping it."""
+    if op in _BATCHED_PRODUCTS and _outgrows_operands(*args[-2:]):
+        return CheckpointPolicy.PREFER_RECOMPUTE
     if op in SAVE_OPS or op.name() in SAVE_OP_NAMES:
         return CheckpointPolicy.MUST_SAVE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _outgrows_operands(left: torch.Tensor, right: torch.Tensor) -> bool:
+    """(b, m, k) @ (b, k, n): m·n exceeds both m·k and k·n."""
+    m, k, n = left.shape[-2], left.shape[-1], right.shape[-1]
+    return m * n > max(m * k, k * n)
 
 
 def _check(recompute: str, offload) -> None:
@@ -130,13 +152,13 @@ def _storage_ptrs(tree) -> set[int]:
 
 
 class _StorageTracker(TorchDispatchMode):
-    """Remembers, weakly, every storage an operation allocates (views and in-place results share
-    an input's storage and are not new)."""
+    """Remembers, weakly, every storage an operation allocates and the operation's name (views
+    and in-place results share an input's storage and are not new)."""
 
     def __init__(self):
         super().__init__()
         # not keyed by address: a freed storage's address is soon reused by a new one
-        self.storages: list[weakref.ref] = []
+        self.storages: list[tuple[weakref.ref, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         inputs = _storage_ptrs((args, kwargs))
@@ -145,26 +167,31 @@ class _StorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 if storage.data_ptr() not in inputs:
-                    self.storages.append(weakref.ref(storage))
+                    self.storages.append((weakref.ref(storage), func.name()))
         return out
 
-    def alive(self) -> dict[int, int]:
-        """data_ptr -> bytes of the recorded storages still alive."""
+    def alive(self) -> dict[int, tuple[int, str]]:
+        """data_ptr -> (bytes, creating op) of the recorded storages still alive."""
         gc.collect()
-        return {s.data_ptr(): s.nbytes() for s in (ref() for ref in self.storages) if s is not None}
+        alive = ((ref(), name) for ref, name in self.storages)
+        return {s.data_ptr(): (s.nbytes(), name) for s, name in alive if s is not None}
 
 
-def saved_bytes(fn, *args, **kwargs) -> int:
+def saved_bytes(fn, *args, by_op: bool = False, **kwargs):
     """Bytes that running fn(*args, **kwargs) leaves alive for backward: storages created during
-    the forward that are still held when it returns, not counting the returned tensors."""
+    the forward that are still held when it returns, not counting the returned tensors. by_op:
+    a dict from the name of the op that created each storage ("aten::addmm") to its bytes."""
     before = _storage_ptrs((args, kwargs))
     tracker = _StorageTracker()
     with tracker:
         out = fn(*args, **kwargs)
     returned = _storage_ptrs(out)
-    total = sum(nbytes for ptr, nbytes in tracker.alive().items() if ptr not in before and ptr not in returned)
+    totals: dict[str, int] = {}
+    for ptr, (nbytes, name) in tracker.alive().items():
+        if ptr not in before and ptr not in returned:
+            totals[name] = totals.get(name, 0) + nbytes
     del out
-    return total
+    return totals if by_op else sum(totals.values())
 
 
 __all__ = ["OffloadStats", "PinnedPool", "apply_memory_policy", "mark_not_offload", "no_offload",

@@ -1,5 +1,6 @@
 """Recompute policies (glm5v_kernels/memory): gradients bit-identical to running the blocks
-plainly, and the bytes a forward leaves for backward, on a CogViT-shaped block stack."""
+plainly (a small pre-norm block), and the bytes a forward leaves for backward on a stack of
+CogViT's own blocks, on the CPU path and on the fused attention kernel's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glm5v_kernels.memory import apply_memory_policy, offloaded_checkpoint, saved_bytes
+from glm5v.models.cogvit import CogViTBlock, CogViTConfig
+from glm5v_kernels import rotary_2d, varlen_plan
+from glm5v_kernels._backend import use_backend
+from glm5v_kernels.memory import RECOMPUTE, apply_memory_policy, offloaded_checkpoint, saved_bytes
 
 
 class Block(nn.Module):
@@ -52,22 +56,67 @@ def test_gradients_are_bit_identical(recompute):
         assert torch.equal(a, b)
 
 
-def test_saved_bytes_table():
-    """Selective keeps the matmul and attention outputs only; full keeps each block's input."""
-    x = torch.randn(512, 256, requires_grad=True)
+class CogViTStack(nn.Module):
+    """`blocks` CogViT blocks (RMSNorm, RMS QK-norm attention with 2D rotary, SiLU-gated MLP 4x)
+    over one packed image of side x side patches: x (side², width)."""
+
+    def __init__(self, blocks: int, width: int, heads: int, side: int):
+        super().__init__()
+        torch.manual_seed(0)
+        config = CogViTConfig(depth=blocks, width=width, num_heads=heads, mlp_hidden=4 * width)
+        self.config = config
+        self.blocks = nn.ModuleList(CogViTBlock(config) for _ in range(blocks))
+        grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1).reshape(-1, 2)
+        self.rotary = rotary_2d(grid, config.head_dim, config.rope_theta)
+        self.plan = varlen_plan(torch.tensor([0, side * side], dtype=torch.int32))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x, self.plan, *self.rotary)
+        return x
+
+
+def kept_by_policy(blocks: int, width: int, heads: int, side: int) -> dict[str, dict[str, int]]:
+    x = torch.randn(side * side, width, requires_grad=True)
     kept = {}
-    for recompute in ("none", "selective", "full"):
-        model = stack()
+    for recompute in RECOMPUTE:
+        model = CogViTStack(blocks, width, heads, side)
         if recompute != "none":
-            apply_memory_policy(model, Block, recompute=recompute, offload=None, keep_last=0)
-        kept[recompute] = saved_bytes(model, x)
-    # full: at most the blocks' inputs
-    assert 0 < kept["full"] <= 4 * 512 * 256 * 4
-    assert kept["full"] < 0.05 * kept["none"]
-    # selective: the qkv, proj, gate_up and down outputs and the attention output with its
-    # log-sum-exp, about half of "none" at this shape (CogViT-L's in proportion: gated MLP 4x)
-    matmul_outputs = 4 * 512 * (3 * 256 + 256 + 2 * 1024 + 256) * 4
-    assert matmul_outputs < kept["selective"] < 0.55 * kept["none"]
+            apply_memory_policy(model, CogViTBlock, recompute=recompute, offload=None, keep_last=0)
+        kept[recompute] = saved_bytes(model, x, by_op=True)
+    return kept
+
+
+def test_saved_bytes_cpu_path():
+    """On the CPU path (attention as plain products), CogViT blocks over a 32 x 32-patch image:
+    selective keeps <= 40% of what "none" keeps (it drops the L x L scores and probabilities and
+    the norms' and activations' outputs), full <= 10%."""
+    blocks, width, side = 2, 256, 32
+    kept = kept_by_policy(blocks, width, 4, side)
+    total = {policy: sum(by_op.values()) for policy, by_op in kept.items()}
+    assert total["selective"] <= 0.40 * total["none"]
+    assert total["full"] <= 0.10 * total["none"]
+    # no (heads, L, L) tensor survives: the batched products kept are the attention outputs
+    assert "aten::exp" in kept["none"] and "aten::exp" not in kept["selective"]
+    assert kept["selective"]["aten::bmm"] == blocks * side * side * width * 4
+
+
+@pytest.mark.interpreter
+def test_saved_bytes_fused_attention_path():
+    """With the fused attention kernel (what runs on a GPU) "none" keeps no L x L tensor, so
+    selective saves less in proportion: exactly the matrix-product outputs, the attention output
+    with its log-sum-exp, and the later blocks' inputs (the checkpoint's); 57% of "none" here."""
+    blocks, width, heads, side = 2, 128, 2, 8
+    with use_backend("interpret"):
+        kept = kept_by_policy(blocks, width, heads, side)
+    tokens, mlp = side * side, 4 * width
+    assert kept["selective"] == {
+        "aten::addmm": blocks * tokens * (3 * width + width + 2 * mlp + width) * 4,  # qkv, proj, gate, up, down
+        "glm5v::varlen_attention_fwd": blocks * (tokens * width + heads * tokens) * 4,  # out, lse
+        "aten::add.Tensor": (blocks - 1) * tokens * width * 4,
+    }
+    assert kept["full"] == {"aten::add.Tensor": (blocks - 1) * tokens * width * 4}
+    assert 0.5 < sum(kept["selective"].values()) / sum(kept["none"].values()) < 0.6
 
 
 def test_every_and_keep_last():
