@@ -1,7 +1,9 @@
 // NaFlex per-pixel arithmetic shared by the host C++ path (csrc/host/naflex.cpp) and the CUDA
 // kernel (csrc/cuda/naflex.cu): Pillow 13's resampling filters and 22-bit fixed-point weights, the
 // accumulate-round-clip rule of one resampling pass, the pass order, the normalisation of an
-// 8-bit value and the address of a value in the packed patch buffer.
+// 8-bit value and the address of a value in the packed patch buffer; and the index arithmetic of
+// the GPU kernel's input staging (window spans, staged tile layout, 16-byte split of a row), which
+// the CPU tests run through the host module.
 //
 // Every function is plain IEEE arithmetic with no fused multiply-adds in the host build; the CUDA
 // build must be compiled with --fmad=false so the device rounds the same way (the weights are
@@ -20,6 +22,7 @@
 typedef unsigned char uint8_t;
 typedef int int32_t;
 typedef long long int64_t;
+typedef unsigned long long uint64_t;
 #else
 #include <cmath>
 #include <cstdint>
@@ -120,6 +123,151 @@ NAFLEX_HD int32_t accumulate(int32_t acc, const uint8_t* src, int64_t stride, co
 // One output value of a resampling pass.
 NAFLEX_HD uint8_t resample_value(const uint8_t* src, int64_t stride, const int32_t* weights, int32_t count) {
   return clip8(accumulate(kHalf, src, stride, weights, count));
+}
+
+// Inputs [begin, end) along an axis.
+struct Span {
+  int64_t begin, end;
+};
+
+// The inputs that n >= 1 windows (first[i], count[i], as in a resampling plan) read together: a band
+// of output rows on the host, a patch's windows along either axis on the GPU.
+NAFLEX_HD Span window_span(const int32_t* first, const int32_t* count, int64_t n) {
+  Span s{first[0], static_cast<int64_t>(first[0]) + count[0]};
+  for (int64_t i = 1; i < n; ++i) {
+    if (first[i] < s.begin) s.begin = first[i];
+    if (first[i] + count[i] > s.end) s.end = static_cast<int64_t>(first[i]) + count[i];
+  }
+  return s;
+}
+
+// Staging a rectangle of a frame (rows x cols pixels, 3 channels or 1 for grey) into a tile of
+// shared memory, which the GPU's first resampling pass then reads instead of global memory.
+//
+// A frame whose pixels are packed (pixel stride 1..4 bytes, channel stride 0 or 1: grey, RGB, RGBA,
+// HWC views) is copied raw: each tile row holds the bytes of one frame row from the rectangle's first
+// to its last byte read. When moreover the row stride is a multiple of 16 bytes, every row starts at
+// the same address modulo 16, so a row is copied as a scalar head up to the first 16-byte boundary,
+// 16-byte words, and a scalar tail; the tile keeps the frame's alignment (row r at r * pitch + lead,
+// lead = the first byte's address mod 16) so the words land on 16-byte boundaries of the tile too.
+// Other layouts (channel-major frames, wide pixel strides) are gathered byte by byte into packed RGB
+// (or grey) tile rows.
+constexpr int64_t kVectorBytes = 16;
+
+// A byte range [address, address + length) as a scalar head up to the first 16-byte boundary,
+// `words` aligned 16-byte words, and a scalar tail.
+struct VectorSplit {
+  int64_t head, words, tail;
+};
+
+NAFLEX_HD VectorSplit split_for_vectors(uint64_t address, int64_t length) {
+  int64_t head = static_cast<int64_t>((kVectorBytes - address % kVectorBytes) % kVectorBytes);
+  if (head > length) head = length;
+  const int64_t words = (length - head) / kVectorBytes;
+  return {head, words, length - head - words * kVectorBytes};
+}
+
+// Byte offset, from the start of the range, of piece k of a split: pieces are the head's bytes, then
+// the words, then the tail's bytes; k < head + words + tail.
+NAFLEX_HD int64_t piece_offset(const VectorSplit& s, int64_t k) {
+  if (k < s.head) return k;
+  if (k < s.head + s.words) return s.head + (k - s.head) * kVectorBytes;
+  return k + s.words * (kVectorBytes - 1);
+}
+
+struct StagedTile {
+  int64_t rows, cols;
+  int64_t stride_h, stride_w, stride_c;  // of the frame, in bytes
+  bool raw, vectorised;
+  int64_t row_bytes;  // bytes copied per row
+  int64_t pitch;      // bytes between tile rows, a multiple of 16
+  int64_t lead;       // offset of a row's first byte in its tile row
+  int64_t pixel_stride, channel_stride;  // in the tile
+  VectorSplit split;  // of every row (all head when not vectorised)
+};
+
+// The tile of a rows x cols rectangle whose pixel (0, 0) channel 0 is at address. The pitch does not
+// depend on the address, so the host can size shared memory without knowing where frames lie.
+NAFLEX_HD StagedTile staged_tile(uint64_t address, int64_t stride_h, int64_t stride_w, int64_t stride_c, int64_t rows,
+                                 int64_t cols) {
+  StagedTile t;
+  t.rows = rows;
+  t.cols = cols;
+  t.stride_h = stride_h;
+  t.stride_w = stride_w;
+  t.stride_c = stride_c;
+  const int64_t channels = stride_c != 0 ? 3 : 1;
+  t.raw = stride_w >= 1 && stride_w <= 4 && stride_c >= 0 && stride_c <= 1;
+  t.vectorised = t.raw && stride_h % kVectorBytes == 0;
+  if (t.raw) {
+    t.row_bytes = cols > 0 ? (cols - 1) * stride_w + (channels - 1) * stride_c + 1 : 0;
+    t.pixel_stride = stride_w;
+    t.channel_stride = stride_c;
+  } else {
+    t.row_bytes = cols * channels;
+    t.pixel_stride = channels;
+    t.channel_stride = channels == 3 ? 1 : 0;
+  }
+  t.lead = t.vectorised ? static_cast<int64_t>(address % kVectorBytes) : 0;
+  const int64_t padded = t.row_bytes + (t.vectorised ? kVectorBytes - 1 : 0);
+  t.pitch = (padded + kVectorBytes - 1) / kVectorBytes * kVectorBytes;
+  t.split = t.vectorised ? split_for_vectors(address, t.row_bytes) : VectorSplit{t.row_bytes, 0, 0};
+  return t;
+}
+
+NAFLEX_HD int64_t tile_bytes(const StagedTile& t) { return t.rows * t.pitch; }
+
+// Offset in the tile of channel `channel` of pixel (row, col) of the rectangle.
+NAFLEX_HD int64_t tile_offset(const StagedTile& t, int64_t row, int64_t col, int64_t channel) {
+  return row * t.pitch + t.lead + col * t.pixel_stride + channel * t.channel_stride;
+}
+
+// Copy steps of a tile: one byte or one 16-byte word each, spread over the threads of a block.
+NAFLEX_HD int64_t stage_steps(const StagedTile& t) {
+  const int64_t per_row = t.raw ? t.split.head + t.split.words + t.split.tail : t.row_bytes;
+  return t.rows * per_row;
+}
+
+// Frame bytes are read-only while a kernel runs: on the device they go through the read-only cache.
+NAFLEX_HD uint8_t load_frame_byte(const uint8_t* from) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(from);
+#else
+  return *from;
+#endif
+}
+
+// Copies the 16 bytes at from (16-byte aligned) to to (16-byte aligned): one vector load and store
+// on the device.
+NAFLEX_HD void copy_frame_word(const uint8_t* from, uint8_t* to) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<uint4*>(to) = __ldg(reinterpret_cast<const uint4*>(from));
+#else
+  for (int64_t b = 0; b < kVectorBytes; ++b) to[b] = from[b];
+#endif
+}
+
+// Copy step `step` of the tile of the rectangle at src into tile (16-byte aligned). The step's
+// indices are 32-bit: a tile fits shared memory.
+NAFLEX_HD void stage_step(const StagedTile& t, const uint8_t* src, uint8_t* tile, int64_t step) {
+  const int32_t s = static_cast<int32_t>(step);
+  if (!t.raw) {
+    const int32_t channels = static_cast<int32_t>(t.pixel_stride), per_row = static_cast<int32_t>(t.row_bytes);
+    const int32_t row = s / per_row, col = s % per_row / channels, channel = s % per_row % channels;
+    tile[tile_offset(t, row, col, channel)] =
+        load_frame_byte(src + row * t.stride_h + col * t.stride_w + channel * t.stride_c);
+    return;
+  }
+  const int32_t per_row = static_cast<int32_t>(t.split.head + t.split.words + t.split.tail);
+  const int32_t row = s / per_row, k = s % per_row;
+  const int64_t offset = piece_offset(t.split, k);
+  const uint8_t* from = src + row * t.stride_h + offset;
+  uint8_t* to = tile + row * t.pitch + t.lead + offset;
+  if (k >= t.split.head && k < t.split.head + t.split.words) {
+    copy_frame_word(from, to);
+  } else {
+    *to = load_frame_byte(from);
+  }
 }
 
 // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many

@@ -10,6 +10,16 @@
 // the second pass accumulates each chunk into the thread's three channel sums. Each pass rounds to
 // 8 bits as Pillow does; an axis that keeps its size is not resampled (Pillow skips the pass).
 //
+// The input the first pass reads for a chunk (the chunk's positions along B times the patch's
+// window span along A, all channels) is first staged into shared memory by the whole block
+// (naflex_math::staged_tile / stage_step). Frames with packed pixels (grey, RGB, RGBA: pixel stride
+// <= 4 bytes, channel stride 0 or 1) are copied row by row as raw bytes, with 16-byte vector loads
+// and stores when the row stride is a multiple of 16 (then every row has the same alignment: a
+// scalar head up to the first 16-byte boundary, 16-byte words, a scalar tail); with other row
+// strides the same copy runs byte by byte. Other layouts (channel-major frames, wide pixel strides)
+// are gathered byte by byte into packed tile rows. The first pass then reads the tile with the same
+// weights in the same order, so the result is unchanged.
+//
 // Launched by glm5v_kernels/data/cuda.py, which builds the frame table and sizes shared memory.
 #include "../common/naflex_math.h"
 
@@ -37,7 +47,7 @@ enum FrameField {
 constexpr int kMaxThreads = 576;
 
 struct Axis {
-  long long in_size, out_size, origin, stride;
+  long long in_size, out_size, origin;
 };
 
 // Window of output origin + i along an axis into shared memory: first, count and the fixed-point
@@ -59,12 +69,13 @@ __device__ __forceinline__ void load_window(const Axis& axis, int filter, int i,
 
 // frames: (num_frames, kFrameFields) int64, frames in output order; patches and position_ids
 // (num_patches, 2 or 3) as laid out by naflex_math::patch_index / value_offset. ksize: the widest
-// window of the batch; chunk: input positions along B per shared-memory chunk. Dynamic shared memory:
-// 3072 + 16 * p + 8 * p * ksize + 3 * p * chunk bytes.
+// window of the batch; chunk: input positions along B per shared-memory chunk; tile_offset: where the
+// staged tile starts in dynamic shared memory, round_up(3072 + 16 * p + 8 * p * ksize + 3 * p * chunk,
+// 16) bytes; the launcher adds the largest tile of the batch (naflex_math::tile_bytes).
 extern "C" __global__ void __launch_bounds__(kMaxThreads) naflex_pack_frames(const long long* __restrict__ frames, int num_frames, int patch_size,
                                               int temporal_patch_size, int merge_size, int channel_major,
-                                              int id_width, int filter, int ksize, int chunk, float mean0,
-                                              float mean1, float mean2, float std0, float std1, float std2,
+                                              int id_width, int filter, int ksize, int chunk, int tile_offset,
+                                              float mean0, float mean1, float mean2, float std0, float std1, float std2,
                                               float* __restrict__ patches, int* __restrict__ position_ids) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int p = patch_size;
@@ -76,6 +87,7 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads) naflex_pack_frames(con
   int* weights_a = count_b + p;
   int* weights_b = weights_a + p * ksize;
   unsigned char* inter = reinterpret_cast<unsigned char*>(weights_b + p * ksize);
+  unsigned char* staged = shared + tile_offset;
 
   // The frame of this block: the last one whose first block is <= blockIdx.x.
   const long long block = blockIdx.x;
@@ -93,8 +105,8 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads) naflex_pack_frames(con
   const long long patch_row = patch_in_frame / grid_width, patch_col = patch_in_frame % grid_width;
 
   const bool vertical_first = nm::vertical_first(height, width, out_height, out_width);
-  const Axis rows{height, out_height, patch_row * p, frame[kStrideH]};
-  const Axis cols{width, out_width, patch_col * p, frame[kStrideW]};
+  const Axis rows{height, out_height, patch_row * p};
+  const Axis cols{width, out_width, patch_col * p};
   const Axis a = vertical_first ? rows : cols, b = vertical_first ? cols : rows;
 
   const int tid = threadIdx.x, threads = blockDim.x;
@@ -111,24 +123,32 @@ extern "C" __global__ void __launch_bounds__(kMaxThreads) naflex_pack_frames(con
   // This thread's output pixel (ty, tx) of the patch, and its positions along A and B.
   const int ty = tid / p, tx = tid % p;
   const int ia = vertical_first ? ty : tx, jb = vertical_first ? tx : ty;
-  long long span_begin = first_b[0], span_end = 0;
-  for (int j = 0; j < p; ++j) {
-    span_begin = min(span_begin, static_cast<long long>(first_b[j]));
-    span_end = max(span_end, static_cast<long long>(first_b[j] + count_b[j]));
-  }
-  const long long channel_stride = frame[kStrideC];
+  const nm::Span span_a = nm::window_span(first_a, count_a, p), span_b = nm::window_span(first_b, count_b, p);
+  const long long a_begin = span_a.begin, a_len = span_a.end - span_a.begin, b_end = span_b.end;
+  const long long stride_h = frame[kStrideH], stride_w = frame[kStrideW], stride_c = frame[kStrideC];
   const int row_len = 3 * p;  // one B position of the intermediate: p positions along A x 3 channels
   int acc[3] = {nm::kHalf, nm::kHalf, nm::kHalf};
   const int own_first = first_b[jb], own_end = first_b[jb] + count_b[jb];
-  for (long long c0 = span_begin; c0 < span_end; c0 += chunk) {
-    const long long c1 = min(c0 + chunk, span_end);
-    // First pass: intermediate[(pos_b - c0), i, channel] for every pos_b of the chunk.
-    for (long long e = tid; e < (c1 - c0) * p; e += threads) {
-      const long long pos_b = c0 + e / p;
-      const int i = static_cast<int>(e % p);
-      const unsigned char* src = data + pos_b * b.stride + static_cast<long long>(first_a[i]) * a.stride;
+  for (long long c0 = span_b.begin; c0 < b_end; c0 += chunk) {
+    const long long c1 = min(c0 + chunk, b_end);
+    // Stage the frame's rows x cols rectangle this chunk reads: B positions [c0, c1) x span_a.
+    const long long row0 = vertical_first ? a_begin : c0, col0 = vertical_first ? c0 : a_begin;
+    const unsigned char* origin = data + row0 * stride_h + col0 * stride_w;
+    const nm::StagedTile tile = nm::staged_tile(reinterpret_cast<unsigned long long>(origin), stride_h, stride_w,
+                                                stride_c, vertical_first ? a_len : c1 - c0,
+                                                vertical_first ? c1 - c0 : a_len);
+    const long long steps = nm::stage_steps(tile);
+    for (long long step = tid; step < steps; step += threads) nm::stage_step(tile, origin, staged, step);
+    __syncthreads();
+    // First pass, out of the tile: intermediate[(pos_b - c0), i, channel] for every pos_b of the chunk.
+    const long long a_step = vertical_first ? tile.pitch : tile.pixel_stride;
+    for (int e = tid; e < (c1 - c0) * p; e += threads) {
+      const int b_rel = e / p, i = e % p;
+      const int a_rel = first_a[i] - static_cast<int>(a_begin);
+      const unsigned char* src = staged + (vertical_first ? nm::tile_offset(tile, a_rel, b_rel, 0)
+                                                          : nm::tile_offset(tile, b_rel, a_rel, 0));
       for (int c = 0; c < 3; ++c) {
-        inter[e * 3 + c] = nm::resample_value(src + c * channel_stride, a.stride, weights_a + i * ksize, count_a[i]);
+        inter[e * 3 + c] = nm::resample_value(src + c * tile.channel_stride, a_step, weights_a + i * ksize, count_a[i]);
       }
     }
     __syncthreads();

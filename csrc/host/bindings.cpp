@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -182,6 +183,82 @@ py::array_t<int64_t> naflex_kernel_sizes(const py::array& sizes, const std::stri
   return out;
 }
 
+// Shared-memory bytes of the GPU kernel's largest staged tile for each frame and chunk: frames (n, 7)
+// int64 (height, width, out_height, out_width, stride_h, stride_w, stride_c), chunks (m,) int64.
+py::array_t<int64_t> naflex_staged_tile_bytes(const py::array& frames, int64_t patch_size, const std::string& resample,
+                                              const py::array& chunks) {
+  require_array<int64_t>(frames, "frames", {-1, 7}, false);
+  require_array<int64_t>(chunks, "chunks", {-1}, false);
+  require(patch_size >= 1, "patch_size must be >= 1");
+  const naflex::Filter filter = naflex::parse_filter(resample);
+  const auto n = frames.shape(0), m = chunks.shape(0);
+  const int64_t* f = static_cast<const int64_t*>(frames.data());
+  const int64_t* chunk = static_cast<const int64_t*>(chunks.data());
+  py::array_t<int64_t> out({n, m});
+  for (py::ssize_t i = 0; i < n; ++i, f += 7) {
+    require(f[0] >= 1 && f[1] >= 1 && f[2] >= patch_size && f[3] >= patch_size && f[2] % patch_size == 0 &&
+                f[3] % patch_size == 0,
+            "frames[" + std::to_string(i) + "]: sizes must be >= 1, resized sizes multiples of patch_size");
+    require(f[4] >= 0 && f[5] >= 0 && f[6] >= 0, "frames[" + std::to_string(i) + "]: strides must be >= 0");
+    const bool vertical_first = naflex_math::vertical_first(f[0], f[1], f[2], f[3]);
+    const int64_t span_rows = naflex::widest_patch_span(f[0], f[2], patch_size, filter);
+    const int64_t span_cols = naflex::widest_patch_span(f[1], f[3], patch_size, filter);
+    for (py::ssize_t j = 0; j < m; ++j) {
+      require(chunk[j] >= 1, "chunks must be >= 1");
+      // A chunk spans at most `chunk` positions along B, the patch's window span along A.
+      const int64_t rows = vertical_first ? span_rows : std::min(chunk[j], span_rows);
+      const int64_t cols = vertical_first ? std::min(chunk[j], span_cols) : span_cols;
+      out.mutable_at(i, j) = naflex_math::tile_bytes(naflex_math::staged_tile(0, f[4], f[5], f[6], rows, cols));
+    }
+  }
+  return out;
+}
+
+// Runs the GPU kernel's staging of one tile on the CPU: the rows x cols rectangle of pixels at
+// buffer[offset + y * stride_h + x * stride_w + c * stride_c] (c < 3, or c = 0 with stride_c 0) into a
+// 16-byte aligned tile filled with `poison` first. Returns the tile's layout and the (rows, cols, 3)
+// values read back from the tile at naflex_math::tile_offset (grey repeated).
+py::tuple naflex_stage_tile(const py::array& buffer, int64_t offset, int64_t stride_h, int64_t stride_w,
+                            int64_t stride_c, int64_t rows, int64_t cols, int poison) {
+  require_array<uint8_t>(buffer, "buffer", {-1}, false);
+  require(offset >= 0 && stride_h >= 0 && stride_w >= 0 && stride_c >= 0 && rows >= 0 && cols >= 0,
+          "offset, strides, rows and cols must be >= 0");
+  const int64_t channels = stride_c != 0 ? 3 : 1;
+  if (rows > 0 && cols > 0) {
+    const int64_t last = offset + (rows - 1) * stride_h + (cols - 1) * stride_w + (channels - 1) * stride_c;
+    require(last < buffer.shape(0), "the rectangle reaches past the end of buffer");
+  }
+  const uint8_t* src = static_cast<const uint8_t*>(buffer.data()) + offset;
+  const naflex_math::StagedTile t =
+      naflex_math::staged_tile(reinterpret_cast<uint64_t>(src), stride_h, stride_w, stride_c, rows, cols);
+  require(naflex_math::tile_bytes(t) <= (int64_t(1) << 26), "the tile is far larger than shared memory");
+  std::vector<uint8_t> storage(static_cast<size_t>(naflex_math::tile_bytes(t) + naflex_math::kVectorBytes),
+                               static_cast<uint8_t>(poison));
+  const uintptr_t base = reinterpret_cast<uintptr_t>(storage.data());
+  uint8_t* tile = storage.data() + (naflex_math::kVectorBytes - base % naflex_math::kVectorBytes) %
+                                       naflex_math::kVectorBytes;
+  const int64_t steps = naflex_math::stage_steps(t);
+  for (int64_t step = 0; step < steps; ++step) naflex_math::stage_step(t, src, tile, step);
+  py::array_t<uint8_t> values({rows, cols, int64_t(3)});
+  for (int64_t y = 0; y < rows; ++y) {
+    for (int64_t x = 0; x < cols; ++x) {
+      for (int64_t c = 0; c < 3; ++c) values.mutable_at(y, x, c) = tile[naflex_math::tile_offset(t, y, x, c)];
+    }
+  }
+  py::dict layout;
+  layout["raw"] = t.raw;
+  layout["vectorised"] = t.vectorised;
+  layout["row_bytes"] = t.row_bytes;
+  layout["pitch"] = t.pitch;
+  layout["lead"] = t.lead;
+  layout["head"] = t.split.head;
+  layout["words"] = t.split.words;
+  layout["tail"] = t.split.tail;
+  layout["steps"] = steps;
+  layout["tile_address"] = reinterpret_cast<uint64_t>(tile);
+  return py::make_tuple(layout, values);
+}
+
 const double* optional_vector(const py::object& value, py::ssize_t length, const char* name) {
   if (value.is_none()) return nullptr;
   const py::array array = py::reinterpret_borrow<py::array>(value);
@@ -259,4 +336,12 @@ PYBIND11_MODULE(_host, m) {
         "holds (first patch of the frame's group, slot in the group, group index) per frame.");
   m.def("naflex_kernel_sizes", &naflex_kernel_sizes, py::arg("sizes"), py::arg("resample"),
         "(n, 2) int64 (in_size, out_size) -> (n,) int64 taps of the widest resampling window (1: not resized).");
+  m.def("naflex_staged_tile_bytes", &naflex_staged_tile_bytes, py::arg("frames"), py::arg("patch_size"),
+        py::arg("resample"), py::arg("chunks"),
+        "(n, 7) int64 (height, width, out_height, out_width, stride_h, stride_w, stride_c) and (m,) int64 chunks "
+        "-> (n, m) int64 shared-memory bytes of the CUDA kernel's largest staged input tile.");
+  m.def("naflex_stage_tile", &naflex_stage_tile, py::arg("buffer"), py::arg("offset"), py::arg("stride_h"),
+        py::arg("stride_w"), py::arg("stride_c"), py::arg("rows"), py::arg("cols"), py::arg("poison"),
+        "The CUDA kernel's staging of a rows x cols pixel rectangle of a uint8 buffer, run on the CPU: "
+        "(layout dict, (rows, cols, 3) uint8 values read back from the tile).");
 }

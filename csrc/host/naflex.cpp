@@ -410,15 +410,10 @@ void pack_band(const ImageView& image, const Size& out, const ImagePlan& plan, c
   const Coefficients& vk = plan.vertical;
 
   // The input rows this band reads.
-  int64_t in_begin = y_begin, in_end = y_end;
-  if (plan.resize_height) {
-    in_begin = image.height;
-    in_end = 0;
-    for (int64_t y = y_begin; y < y_end; ++y) {
-      in_begin = std::min<int64_t>(in_begin, vk.first[y]);
-      in_end = std::max<int64_t>(in_end, vk.first[y] + vk.count[y]);
-    }
-  }
+  const naflex_math::Span in_rows = plan.resize_height
+                                        ? naflex_math::window_span(&vk.first[y_begin], &vk.count[y_begin], y_end - y_begin)
+                                        : naflex_math::Span{y_begin, y_end};
+  const int64_t in_begin = in_rows.begin, in_end = in_rows.end;
   const int64_t num_rows = in_end - in_begin;
   const int64_t in_stride = in_row_len + kRowPad, out_stride = out_row_len + kRowPad;
   thread_local std::vector<uint8_t> staged, widened, line, resized;
@@ -545,6 +540,17 @@ Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter fil
     k.count[xx] = w.count;
   }
   return k;
+}
+
+int64_t widest_patch_span(int64_t in_size, int64_t out_size, int64_t patch_size, Filter filter) {
+  if (in_size == out_size) return patch_size;
+  const Coefficients k = resample_coefficients(in_size, out_size, filter);
+  int64_t widest = 0;
+  for (int64_t first = 0; first + patch_size <= out_size; first += patch_size) {
+    const naflex_math::Span s = naflex_math::window_span(&k.first[first], &k.count[first], patch_size);
+    widest = std::max(widest, s.end - s.begin);
+  }
+  return widest;
 }
 
 void pack(const std::vector<ImageView>& images, const std::vector<Size>& targets, const std::vector<FrameSlot>& slots,

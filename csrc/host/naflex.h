@@ -46,6 +46,11 @@ struct Coefficients {
 
 Coefficients resample_coefficients(int64_t in_size, int64_t out_size, Filter filter);
 
+// The most inputs the windows of one patch (patch_size consecutive outputs, out_size a multiple of
+// patch_size) read along an axis resized from in_size to out_size: patch_size when the axis keeps its
+// size (not resampled). Sizes the GPU kernel's staged tiles.
+int64_t widest_patch_span(int64_t in_size, int64_t out_size, int64_t patch_size, Filter filter);
+
 // Where frame i's values go: patches first_patch onwards (its group's), slot t_slot of the group's
 // temporal_patch_size frames; t_group is the group's index, written into (t, row, col) ids.
 struct FrameSlot {

@@ -135,6 +135,21 @@ def test_gpu_reads_frames_in_place_any_strides():
 
 
 @GPU
+@pytest.mark.parametrize("height", [90, 400])  # horizontal pass first; vertical pass first
+def test_gpu_frames_at_every_alignment(height):
+    """Frames starting at every address mod 16 (RGB column offsets 0..15), with row strides that allow
+    the staging's 16-byte loads (64 pixels: 192 bytes) and that do not (65: 195)."""
+    rng = np.random.default_rng(24)
+    processor = NaFlexProcessor(max_num_patches=16)
+    for width in (64, 65):
+        base = random_image(rng, height, width)
+        chw = torch.from_numpy(base).cuda().permute(2, 0, 1)
+        gpu = pack_images([chw[:, :, k:k + 40] for k in range(16)], processor, device="cuda")
+        host = pack_images([base[:, k:k + 40] for k in range(16)], processor)
+        assert_same_as_host(gpu, host, processor, ("cu_seqlens", "position_ids"))
+
+
+@GPU
 @pytest.mark.parametrize("temporal,merge", [(2, 2), (3, 1)])
 def test_gpu_video_equals_host(temporal, merge):
     rng = np.random.default_rng(22)
