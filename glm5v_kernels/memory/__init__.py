@@ -7,13 +7,14 @@ backward recomputes what the policy does not keep and finds what it offloaded ba
 recompute: "selective" keeps the outputs of matrix products and attention (with its
 log-sum-exp) and recomputes the cheap elementwise work around them (norms, activations, rotary),
 and, where attention runs as plain batched products (the CPU reference), its score matrices:
-torch's selective-checkpoint contexts with the policy in `selective_policy`. "full" keeps only
-the block's input. "none" keeps what autograd keeps.
+a non-reentrant checkpoint whose contexts keep the outputs `selective_policy` marks MUST_SAVE
+(as torch's selective-checkpoint contexts do, but through the offloader, so "saved" can move
+them too; an in-place write into a kept output, or a recompute that runs other operations than
+its forward, is an error). "full" keeps only the block's input. "none" keeps what autograd keeps.
 
 offload: "inputs" sends the tensors the block saves that share storage with its inputs (with
-recompute, its input: all "full" keeps) to pinned host memory; "saved" sends every tensor saved
-through autograd's saved-tensor hooks of at least 1 MiB (with "selective", the kept matrix-product
-outputs live in the checkpoint's own cache and stay on the device). Copies run on a side CUDA
+recompute, its input: all "full" keeps) to pinned host memory; "saved" sends every tensor the
+block keeps for backward of at least 1 MiB (with "selective", its kept outputs too). Copies run on a side CUDA
 stream into `pool` (a `PinnedPool`, or fresh pinned memory when None) and come back one block
 ahead in backward (see `offload.py`). `no_offload()` and `mark_not_offload(tensor)` keep tensors
 on the device; `stats()` reports bytes moved and kept and copy time exposed. Offload moves CUDA
@@ -34,8 +35,8 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils._pytree import tree_flatten, tree_map_only
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 from glm5v_kernels.memory.offload import (
     OFFLOADER,
@@ -117,10 +118,75 @@ def offloaded_checkpoint(fn, *args, recompute: str = "selective", offload: str |
 def _with_recompute(fn, recompute: str, args, kwargs):
     if recompute == "none":
         return fn(*args, **kwargs)
-    context_fn = functools.partial(create_selective_checkpoint_contexts, selective_policy)
     if recompute == "full":
         return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-    return checkpoint(fn, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+
+
+def _selective_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:
+    """torch's selective-checkpoint contexts, except that the kept outputs go through the
+    offloading block's pack / unpack like any saved tensor (torch's keep them on the device)."""
+    kept: list = []
+    return _KeepSelected(kept), _ReuseKept(kept)
+
+
+def _keeps(func, args, kwargs) -> bool:
+    return selective_policy(None, func, *args, **kwargs) == CheckpointPolicy.MUST_SAVE
+
+
+class _KeepSelected(TorchDispatchMode):
+    """The forward of a selective block: (op, packed outputs) of the ops the policy keeps, in call
+    order. An op that writes into a kept output afterwards is an error: the recompute would read
+    the changed values."""
+
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable and self.storages & _storage_ptrs(_written(func, args, kwargs)):
+            raise RuntimeError(f"{func} writes in place into a tensor that selective recompute keeps for backward; "
+                               "make the operation out of place or use recompute='full'")
+        out = func(*args, **kwargs)
+        if _keeps(func, args, kwargs):
+            self.storages |= _storage_ptrs(out)
+            self.kept.append((func, tree_map_only(torch.Tensor, lambda t: OFFLOADER.pack(t.detach()), out)))
+        return out
+
+
+def _written(func, args, kwargs) -> list:
+    """The arguments func's schema says it writes to."""
+    schema_args = func._schema.arguments
+    values = [*args, *(kwargs.get(a.name) for a in schema_args[len(args):])]
+    return [v for a, v in zip(schema_args, values) if a.alias_info is not None and a.alias_info.is_write]
+
+
+class _ReuseKept(TorchDispatchMode):
+    """A recompute of a selective block: the kept ops return their forward outputs instead of
+    running again. Each recompute starts from the first (backward may run twice with
+    retain_graph, and a recompute stops once backward has what it needs)."""
+
+    def __init__(self, kept: list):
+        super().__init__()
+        self.kept = kept
+        self.position = 0
+
+    def __enter__(self):
+        self.position = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not _keeps(func, args, kwargs):
+            return func(*args, **kwargs)
+        kept_func, packed = self.kept[self.position] if self.position < len(self.kept) else (None, None)
+        if kept_func is not func:
+            raise RuntimeError(f"the recompute of a selective block ran {func} where its forward ran {kept_func}: "
+                               "the block must run the same operations every time (no data-dependent branches)")
+        self.position += 1
+        return tree_map_only(object, OFFLOADER.unpack, packed)
 
 
 def apply_memory_policy(model: torch.nn.Module, block_cls, recompute: str = "selective",

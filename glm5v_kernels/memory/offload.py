@@ -228,12 +228,27 @@ class Offloader:
                 return t
             return self._offload(t, group, pool)
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
-            yield
+        previous = getattr(_state, "pack", None)
+        _state.pack = pack
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+                yield
+        finally:
+            _state.pack = previous
         if group.copies:
             self.groups.append(weakref.ref(group))
             weakref.finalize(group, self._release, list(group.copies.values()))
         self._collect_finished()
+
+    def pack(self, t: torch.Tensor):
+        """What the innermost offloading block does with a tensor it saves (outside a block: keep
+        it). For tensors kept outside autograd's saved-tensor hooks (selective recompute's kept
+        outputs); `unpack` gives the tensor back."""
+        pack = getattr(_state, "pack", None)
+        return t if pack is None else pack(t)
+
+    def unpack(self, packed) -> torch.Tensor:
+        return self._unpack(packed)
 
     def _offload(self, t: torch.Tensor, group: _Group, pool: PinnedPool | None) -> _Saved:
         storage = t.untyped_storage()
