@@ -190,6 +190,17 @@ def test_measured_choice_takes_the_faster_path_once_per_shape(monkeypatch):
     assert muon_op.choose_path(large, step, measure=False) == "symmetric"  # the interpreter: the kernel
 
 
+def test_no_timing_while_compiling(monkeypatch):
+    """Inside torch.compile's tracing nothing is timed: an earlier choice, else the kernel path."""
+    monkeypatch.setattr(muon_op, "_choices", {})
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    step = reference.JORDAN
+    X = torch.zeros(1, 8, 16)
+    assert muon_op.choose_path(X, step, measure=True) == "symmetric" and not path_choices()
+    muon_op._choices[("cpu", (1, 8, 16), torch.float32)] = muon_op.PathChoice("matmul", {})
+    assert muon_op.choose_path(X, step, measure=True) == "matmul"
+
+
 def test_force_path_rejects_unknown_paths():
     with pytest.raises(ValueError, match="path must be one of"), force_path("cublas"):
         pass

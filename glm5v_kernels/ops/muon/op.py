@@ -78,7 +78,9 @@ STEPS: dict[str, Callable[[torch.Tensor, list], torch.Tensor]] = {
 
 def choose_path(X: torch.Tensor, step: tuple[float, float, float], measure: bool) -> str:
     """The path for X (batch, m, n): the forced one, the kernel when not measuring, else the
-    faster one measured on one `step`, once per (device, shape, dtype)."""
+    faster one measured on one `step`, once per (device, shape, dtype). Where nothing can be timed
+    (while torch.compile traces, or a CUDA graph captures) an earlier measurement is used, else the
+    kernel path, and the measurement waits for the next eager call."""
     forced = _forced.get()
     if forced is not None:
         return forced
@@ -86,6 +88,8 @@ def choose_path(X: torch.Tensor, step: tuple[float, float, float], measure: bool
         return "symmetric"
     key = (str(X.device), tuple(X.shape), X.dtype)
     if key not in _choices:
+        if torch.compiler.is_compiling() or (X.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return "symmetric"
         seconds = {path: _best_seconds(lambda path=path: STEPS[path](X, [step]), X.device) for path in PATHS}
         _choices[key] = PathChoice(min(PATHS, key=seconds.__getitem__), seconds)
     return _choices[key].path
