@@ -224,20 +224,37 @@ def test_polar_express_repeats_its_last_tuple():
 
 # -- sm_90a ---------------------------------------------------------------------------------------
 
-SIGNATURE = {
-    "X": "*bf16", "C": "*bf16", "Out": "*bf16", "tile_rows": "*i32", "tile_cols": "*i32", "M": "i32", "K": "i32",
-    "stride_xb": "i64", "stride_xm": "i32", "stride_xk": "i32",
-    "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "i32",
-    "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
-    "alpha": "fp32", "beta": "fp32",
-}
+def signature(dtype: str) -> dict[str, str]:
+    pointer = f"*{dtype}"
+    return {
+        "X": pointer, "C": pointer, "Out": pointer, "tile_rows": "*i32", "tile_cols": "*i32", "M": "i32", "K": "i32",
+        "stride_xb": "i64", "stride_xm": "i32", "stride_xk": "i32",
+        "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "i32",
+        "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
+        "alpha": "fp32", "beta": "fp32",
+    }
+
+
+# (pointer dtype, config, input precision) of every launch sym_gram can make: 16-bit iterations on
+# wgmma; float32 in IEEE (torch's default for fp32 matmuls) on CUDA cores, or as tf32 on wgmma.
+LAUNCHES = [pytest.param(("bf16", config, "ieee"), id=f"bf16-block{config.block}") for config in triton_ops.CONFIGS]
+LAUNCHES += [pytest.param(("fp32", triton_ops.FLOAT32_CONFIG, precision), id=f"fp32-{precision}")
+             for precision in ("ieee", "tf32")]
 
 
 @pytest.mark.parametrize("has_c", [False, True], ids=["gram", "polynomial"])
-@pytest.mark.parametrize("config", triton_ops.CONFIGS, ids=lambda c: f"block{c.block}-w{c.num_warps}")
-def test_every_config_compiles_for_sm90(config, has_c):
+@pytest.mark.parametrize("launch", LAUNCHES)
+def test_every_config_compiles_for_sm90(launch, has_c):
+    dtype, config, input_precision = launch
     report = compile_for_sm90(
-        triton_ops.sym_gram_kernel, SIGNATURE,
-        {"HAS_C": has_c, "BLOCK": config.block, "BLOCK_K": config.block_k},
+        triton_ops.sym_gram_kernel, signature(dtype),
+        {"HAS_C": has_c, "BLOCK": config.block, "BLOCK_K": config.block_k, "INPUT_PRECISION": input_precision},
         num_warps=config.num_warps, num_stages=config.num_stages)
-    assert_compiles_clean(report, expect_wgmma=True)
+    assert_compiles_clean(report, expect_wgmma=not (dtype == "fp32" and input_precision == "ieee"))
+
+
+def test_float32_products_follow_torchs_tf32_setting(monkeypatch):
+    assert triton_ops.input_precision(torch.float32) == "ieee"
+    assert triton_ops.input_precision(torch.bfloat16) == "ieee"  # no effect on 16-bit dots
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert triton_ops.input_precision(torch.float32) == "tf32"

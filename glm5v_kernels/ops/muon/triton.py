@@ -25,7 +25,7 @@ def sym_gram_kernel(
     stride_cb, stride_cm, stride_cn,
     stride_ob, stride_om, stride_on,
     alpha, beta,
-    HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_C: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # Program (t, b): output tile (tile_rows[t], tile_cols[t]) of matrix b, with row tile <= col tile.
     t = tl.program_id(0)
@@ -42,7 +42,7 @@ def sym_gram_kernel(
     for _ in range(0, K, BLOCK_K):
         a = tl.load(left, boundary_check=(0, 1), padding_option="zero")
         bt = tl.load(right, boundary_check=(0, 1), padding_option="zero")
-        acc = tl.dot(a, bt, acc)
+        acc = tl.dot(a, bt, acc, input_precision=INPUT_PRECISION)
         left = tl.advance(left, (0, BLOCK_K))
         right = tl.advance(right, (BLOCK_K, 0))
     rows = ti * BLOCK + tl.arange(0, BLOCK)
@@ -70,10 +70,21 @@ class Config(NamedTuple):
 # tiles. Both compile for sm_90a without spills (tests/kernels/test_muon.py); 128 x 128 with
 # BLOCK_K = 64 spills in the polynomial epilogue. Not yet timed on a GPU.
 CONFIGS = (Config(128, 32, 8, 3), Config(64, 64, 4, 3))
+# float32 (not the default on CUDA): its 4-byte tiles spill in both of the above (the 128 tile's
+# polynomial epilogue as tf32, the 64 tile with 4 warps in IEEE); this one is clean in both.
+FLOAT32_CONFIG = Config(64, 32, 8, 3)
 
 
-def config_for(m: int) -> Config:
+def config_for(m: int, dtype: torch.dtype) -> Config:
+    if dtype == torch.float32:
+        return FLOAT32_CONFIG
     return CONFIGS[0] if m > 512 else CONFIGS[1]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """float32 products follow torch's matmul setting, as the general product beside them does:
+    IEEE unless `torch.backends.cuda.matmul.allow_tf32` is set."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 @functools.lru_cache(maxsize=64)
@@ -87,11 +98,12 @@ def sym_gram(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = None,
              out: torch.Tensor | None = None) -> torch.Tensor:
     """X (batch, m, k) -> alpha·X·Xᵀ + beta·C, (batch, m, m) in X's dtype (fp32 accumulation).
 
-    C (batch, m, m) must be symmetric (only its upper tiles are read)."""
+    C (batch, m, m) must be symmetric (only its upper tiles are read). float32 inputs multiply in
+    IEEE float32 unless torch allows tf32 matmuls (`input_precision`)."""
     batch, m, k = X.shape
     if out is None:
         out = torch.empty(batch, m, m, device=X.device, dtype=X.dtype)
-    config = config_for(m)
+    config = config_for(m, X.dtype)
     rows, cols = upper_tiles(triton.cdiv(m, config.block), X.device)
     c = C if C is not None else out  # an unused pointer when HAS_C is false
     grid = (rows.numel(), batch)
@@ -101,7 +113,7 @@ def sym_gram(X: torch.Tensor, alpha: float = 1.0, C: torch.Tensor | None = None,
         c.stride(0), c.stride(1), c.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         float(alpha), float(beta),
-        HAS_C=C is not None, BLOCK=config.block, BLOCK_K=config.block_k,
+        HAS_C=C is not None, BLOCK=config.block, BLOCK_K=config.block_k, INPUT_PRECISION=input_precision(X.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
