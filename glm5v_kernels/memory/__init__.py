@@ -10,7 +10,8 @@ and, where attention runs as plain batched products (the CPU reference), its sco
 a non-reentrant checkpoint whose contexts keep the outputs `selective_policy` marks MUST_SAVE
 (as torch's selective-checkpoint contexts do, but through the offloader, so "saved" can move
 them too; an in-place write into a kept output, or a recompute that runs other operations than
-its forward, is an error). "full" keeps only the block's input. "none" keeps what autograd keeps.
+its forward, is an error; under torch.compile, which traces only torch's own contexts, those are
+used and the kept outputs stay on the device). "full" keeps only the block's input. "none" keeps what autograd keeps.
 
 offload: "inputs" sends the tensors the block saves that share storage with its inputs (with
 recompute, its input: all "full" keeps) to pinned host memory; "saved" sends every tensor the
@@ -36,7 +37,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from glm5v_kernels.memory.offload import (
     OFFLOADER,
@@ -125,7 +126,11 @@ def _with_recompute(fn, recompute: str, args, kwargs):
 
 def _selective_contexts() -> tuple[TorchDispatchMode, TorchDispatchMode]:
     """torch's selective-checkpoint contexts, except that the kept outputs go through the
-    offloading block's pack / unpack like any saved tensor (torch's keep them on the device)."""
+    offloading block's pack / unpack like any saved tensor (torch's keep them on the device).
+    torch.compile traces torch's own contexts only: there they are used, and kept outputs stay
+    on the device."""
+    if torch.compiler.is_compiling():
+        return create_selective_checkpoint_contexts(selective_policy)
     kept: list = []
     return _KeepSelected(kept), _ReuseKept(kept)
 

@@ -119,6 +119,22 @@ def test_saved_bytes_fused_attention_path():
     assert 0.5 < sum(kept["selective"].values()) / sum(kept["none"].values()) < 0.6
 
 
+def test_selective_under_torch_compile():
+    """torch.compile traces torch's selective-checkpoint contexts (used while compiling); the
+    gradients match eager up to the compiled kernels' rounding."""
+    torch._dynamo.reset()
+    plain, wrapped = stack(blocks=2), stack(blocks=2)
+    apply_memory_policy(wrapped, Block, recompute="selective", offload=None, keep_last=0)
+    x = torch.randn(64, 256)
+    grads = []
+    for model in (plain, torch.compile(wrapped)):
+        inp = x.clone().requires_grad_()
+        model(inp).square().sum().backward()
+        grads.append([inp.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
 def test_every_and_keep_last():
     model = stack(blocks=6)
     assert apply_memory_policy(model, Block, every=2, keep_last=1, offload=None) == 3  # blocks 0, 2, 4
