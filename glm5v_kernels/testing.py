@@ -563,6 +563,7 @@ def compile_for_sm90(
     num_stages: int = 3,
     arch: str = "sm_90a",
     aligned_pointers: bool = True,
+    int_values: dict[str, int] | None = None,
 ) -> CompileReport:
     """Compile a ``@triton.jit`` kernel for an H100 (``GPUTarget("cuda", 90, 32)``) without a GPU.
 
@@ -570,6 +571,10 @@ def compile_for_sm90(
     ``"constexpr"``); names in ``constexprs`` missing from it are added as ``"constexpr"``.
     ``aligned_pointers`` marks pointer arguments 16-byte aligned, as the runtime does for the
     usual torch allocations, so the generated code matches what a launch would compile.
+    ``int_values``: example values of integer arguments, specialised as a launch with them would
+    be: 1 becomes the constant 1, a multiple of 16 is marked divisible by 16. A launch with
+    contiguous, 16-aligned shapes compiles that variant (vectorised, pipelined loads); without
+    int_values the integers are generic (the variant odd shapes compile).
 
     Works with the interpreter on (the test suite) and off: under the interpreter, the kernel's
     ``@triton.jit`` helpers and triton's standard library are swapped for compiled-mode
@@ -580,6 +585,13 @@ def compile_for_sm90(
 
     constexprs = dict(constexprs or {})
     sig = dict(signature)
+    int_values = dict(int_values or {})
+    for name, value in int_values.items():
+        if sig.get(name) not in ("i32", "i64"):
+            raise ValueError(f"int_values: {name!r} is not an integer argument of the signature")
+        if value == 1:
+            sig[name] = "constexpr"
+            constexprs[name] = 1
     for key in constexprs:
         sig.setdefault(key, "constexpr")
     fn = _unwrap_python_function(kernel)
@@ -591,9 +603,10 @@ def compile_for_sm90(
             f"compile_for_sm90({fn.__name__}): signature must name every argument {arg_names}; "
             f"missing {missing}, unknown {unknown}"
         )
-    attrs = {}
+    divisible = {a for a, value in int_values.items() if value % 16 == 0}
     if aligned_pointers:
-        attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names) if sig[a].startswith("*")}
+        divisible |= {a for a in arg_names if sig[a].startswith("*")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(arg_names) if a in divisible}
     options = {"num_warps": num_warps, "num_stages": num_stages}
     config = ", ".join([f"{k}={v}" for k, v in constexprs.items()] + [f"{k}={v}" for k, v in options.items()])
 

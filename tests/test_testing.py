@@ -158,6 +158,20 @@ def test_dot_kernel_lowers_to_wgmma() -> None:
     assert 0 < report.shared_bytes <= 227 * 1024
 
 
+def test_int_values_compile_the_aligned_variant_a_launch_would() -> None:
+    """Multiples of 16 mark their arguments divisible (the loads vectorise and the loop pipelines
+    through cp.async into more shared memory); 1 becomes a constant, as at a real launch."""
+    generic = compile_for_sm90(matmul_kernel, MATMUL_SIGNATURE, MATMUL_TILES, num_warps=4, num_stages=3)
+    aligned = compile_for_sm90(matmul_kernel, MATMUL_SIGNATURE, MATMUL_TILES, num_warps=4, num_stages=3,
+                               int_values={"M": 256, "N": 256, "K": 256})
+    assert "cp.async" in aligned.ptx and "cp.async" not in generic.ptx
+    assert aligned.shared_bytes > generic.shared_bytes
+    unit = compile_for_sm90(matmul_kernel, MATMUL_SIGNATURE, MATMUL_TILES, int_values={"N": 1})
+    assert "N=1" in unit.config
+    with pytest.raises(ValueError, match="not an integer argument"):
+        compile_for_sm90(matmul_kernel, MATMUL_SIGNATURE, MATMUL_TILES, int_values={"BM": 16})
+
+
 @pytest.mark.interpreter
 def test_interpreter_still_runs_after_compiling() -> None:
     compile_for_sm90(axpb_kernel, AXPB_SIGNATURE, {"BLOCK": 128})

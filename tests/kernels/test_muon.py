@@ -227,7 +227,7 @@ def test_polar_express_repeats_its_last_tuple():
 def signature(dtype: str) -> dict[str, str]:
     pointer = f"*{dtype}"
     return {
-        "X": pointer, "C": pointer, "Out": pointer, "tile_rows": "*i32", "tile_cols": "*i32", "M": "i32", "K": "i32",
+        "X": pointer, "C": pointer, "Out": pointer, "M": "i32", "K": "i32",
         "stride_xb": "i64", "stride_xm": "i32", "stride_xk": "i32",
         "stride_cb": "i64", "stride_cm": "i32", "stride_cn": "i32",
         "stride_ob": "i64", "stride_om": "i32", "stride_on": "i32",
@@ -235,22 +235,75 @@ def signature(dtype: str) -> dict[str, str]:
     }
 
 
-# (pointer dtype, config, input precision) of every launch sym_gram can make: 16-bit iterations on
-# wgmma; float32 in IEEE (torch's default for fp32 matmuls) on CUDA cores, or as tf32 on wgmma.
-LAUNCHES = [pytest.param(("bf16", config, "ieee"), id=f"bf16-block{config.block}") for config in triton_ops.CONFIGS]
-LAUNCHES += [pytest.param(("fp32", triton_ops.FLOAT32_CONFIG, precision), id=f"fp32-{precision}")
-             for precision in ("ieee", "tf32")]
+# A contiguous (batch, 4096, 4096) launch: what the runtime specialises for aligned shapes
+# (unit strides constant, the rest divisible by 16: vectorised loads, pipelined through cp.async).
+ALIGNED = {"M": 4096, "K": 4096, "stride_xb": 4096 * 4096, "stride_xm": 4096, "stride_xk": 1,
+           "stride_cb": 4096 * 4096, "stride_cm": 4096, "stride_cn": 1, "stride_ob": 4096 * 4096,
+           "stride_om": 4096, "stride_on": 1}
+
+
+def config_id(c) -> str:
+    return f"{c.block}x{c.block_k}-w{c.num_warps}-s{c.num_stages}"
+
+
+# (pointer dtype, config, input precision, launch shapes) of every variant sym_gram can compile:
+# 16-bit iterations on wgmma; float32 in IEEE (torch's default for fp32 matmuls) on CUDA cores or
+# as tf32 on wgmma; generic (odd shapes) and aligned, except configurations offered to aligned
+# launches only.
+LAUNCHES = [
+    pytest.param((dtype, c, precision, shapes), id=f"{dtype}-{precision}-{config_id(c)}-{shapes_id}")
+    for dtype, configs, precisions in (("bf16", triton_ops.CONFIGS, ("ieee",)),
+                                       ("fp32", triton_ops.FLOAT32_CONFIGS, ("ieee", "tf32")))
+    for c in configs for precision in precisions
+    for shapes, shapes_id in ((None, "odd-shapes"), (ALIGNED, "aligned-shapes"))
+    if shapes is not None or not c.aligned_only
+]
 
 
 @pytest.mark.parametrize("has_c", [False, True], ids=["gram", "polynomial"])
 @pytest.mark.parametrize("launch", LAUNCHES)
 def test_every_config_compiles_for_sm90(launch, has_c):
-    dtype, config, input_precision = launch
+    dtype, config, input_precision, shapes = launch
     report = compile_for_sm90(
         triton_ops.sym_gram_kernel, signature(dtype),
         {"HAS_C": has_c, "BLOCK": config.block, "BLOCK_K": config.block_k, "INPUT_PRECISION": input_precision},
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, int_values=shapes)
     assert_compiles_clean(report, expect_wgmma=not (dtype == "fp32" and input_precision == "ieee"))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("config", [pytest.param(c, id=config_id(c)) for c in triton_ops.CONFIGS])
+def test_every_autotuner_config_computes_the_product(config):
+    """The autotuner may pick any configuration on a GPU: each one gives X·Xᵀ and b·A + c·A·A
+    over several (for 128 tiles, two) row and column tiles."""
+    X = torch.randn(2, 200, 70, device=DEVICE, dtype=torch.float16)
+    A = poison_(torch.empty(2, 200, 200, device=DEVICE, dtype=torch.float16))
+    B = poison_(torch.empty_like(A))
+    with use_backend(BACKEND):
+        triton_ops.sym_gram(X, out=A, config=config)
+        triton_ops.sym_gram(A, alpha=0.5, C=A, beta=-1.5, out=B, config=config)
+    expected_A = X.double() @ X.double().mT
+    assert_close(A, expected_A, dtype=tolerance(torch.float16), name="X·Xᵀ")
+    A64 = A.double()
+    assert_close(B, -1.5 * A64 + 0.5 * (A64 @ A64), dtype=tolerance(torch.float16), name="b·A + c·A·A")
+
+
+def test_autotuner_candidates_follow_dtype_and_alignment():
+    """The pruning the autotuner applies: the dtype's list, aligned-only entries for aligned
+    launches (16-byte aligned pointers, sizes and strides multiples of 16 or 1)."""
+    def candidates(X, m, k):
+        out = torch.empty(X.shape[0], m, m, dtype=X.dtype)
+        args = dict(X=X, C=out, Out=out, M=m, K=k, stride_xb=X.stride(0), stride_xm=X.stride(1),
+                    stride_xk=X.stride(2), stride_cb=out.stride(0), stride_cm=out.stride(1), stride_cn=out.stride(2),
+                    stride_ob=out.stride(0), stride_om=out.stride(1), stride_on=out.stride(2))
+        pruned = triton_ops._launchable(triton_ops.sym_gram_autotuned.configs, args)
+        return [c.glm5v_config for c in pruned]
+
+    aligned16 = torch.empty(1, 64, 128, dtype=torch.bfloat16)
+    assert candidates(aligned16, 64, 128) == list(triton_ops.CONFIGS)
+    odd = torch.empty(1, 60, 130, dtype=torch.bfloat16)
+    assert candidates(odd, 60, 130) == [c for c in triton_ops.CONFIGS if not c.aligned_only]
+    assert candidates(torch.empty(1, 64, 128), 64, 128) == list(triton_ops.FLOAT32_CONFIGS)
 
 
 def test_float32_products_follow_torchs_tf32_setting(monkeypatch):
