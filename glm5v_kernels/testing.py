@@ -7,8 +7,10 @@
 - Where kernel tests run: :data:`TARGET` (the Triton kernels on a CUDA GPU, the Triton
   interpreter on CPU tensors elsewhere), with the dtypes to test there and their tolerances.
 - Compile checks without a GPU: :func:`compile_for_sm90` compiles a ``@triton.jit`` kernel for an
-  H100 and runs ptxas on it, :func:`compile_cuda_for_sm90` compiles a ``.cu`` file with nvcc, and
-  :func:`assert_compiles_clean` checks either report for spills, shared memory and wgmma.
+  H100 and runs ptxas on it (``int_values`` / :func:`aligned_int_values`: the variant a launch
+  with aligned sizes and unit strides specialises to), :func:`compile_cuda_for_sm90` compiles a
+  ``.cu`` file with nvcc, and :func:`assert_compiles_clean` checks either report for spills,
+  shared memory and wgmma.
 
 Importable without triton; triton is imported only inside the compile functions.
 """
@@ -552,6 +554,17 @@ def _run_ptxas(ptx: str, arch: str) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"ptxas failed (exit {proc.returncode}): {' '.join(cmd)}\n{log}")
     return log
+
+
+def aligned_int_values(signature: dict[str, str], value: int = 4096, **overrides: int) -> dict[str, int]:
+    """Example integer arguments of an aligned launch, for ``compile_for_sm90(int_values=...)``:
+    every ``i32`` / ``i64`` of ``signature`` set to ``value`` (a multiple of 16), except
+    ``overrides`` (e.g. a unit stride, 1, or a head-group size)."""
+    values = {name: value for name, kind in signature.items() if kind in ("i32", "i64")}
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise ValueError(f"aligned_int_values: {sorted(unknown)} are not integer arguments of the signature")
+    return {**values, **overrides}
 
 
 def compile_for_sm90(

@@ -19,6 +19,7 @@ from glm5v_kernels.testing import (
     CompileReport,
     CudaCompileReport,
     KernelResources,
+    aligned_int_values,
     assert_close,
     assert_close_flash,
     assert_compiles_clean,
@@ -166,6 +167,9 @@ def test_int_values_compile_the_aligned_variant_a_launch_would() -> None:
                                int_values={"M": 256, "N": 256, "K": 256})
     assert "cp.async" in aligned.ptx and "cp.async" not in generic.ptx
     assert aligned.shared_bytes > generic.shared_bytes
+    assert aligned_int_values(MATMUL_SIGNATURE, 64, N=1) == {"M": 64, "N": 1, "K": 64}
+    with pytest.raises(ValueError, match="not integer arguments"):
+        aligned_int_values(MATMUL_SIGNATURE, a_ptr=16)
     unit = compile_for_sm90(matmul_kernel, MATMUL_SIGNATURE, MATMUL_TILES, int_values={"N": 1})
     assert "N=1" in unit.config
     with pytest.raises(ValueError, match="not an integer argument"):

@@ -17,7 +17,15 @@ from glm5v_kernels import rotary_1d, rotary_2d, varlen_attention, varlen_plan
 from glm5v_kernels._backend import use_backend
 from glm5v_kernels.compat import flash_attn_varlen_func
 from glm5v_kernels.ops.attention import reference
-from glm5v_kernels.testing import TARGET, assert_close, assert_compiles_clean, compile_for_sm90, dtype_id, poison_
+from glm5v_kernels.testing import (
+    TARGET,
+    aligned_int_values,
+    assert_close,
+    assert_compiles_clean,
+    compile_for_sm90,
+    dtype_id,
+    poison_,
+)
 
 kernels = pytest.importorskip("glm5v_kernels.ops.attention.triton")
 
@@ -428,19 +436,29 @@ ATTENTION_KERNELS = [
                  id="fwd-rms-rotary"),
     pytest.param(kernels.attn_fwd_kernel, lambda d: kernels.fwd_config(d, fused_q=True), q_transform(2, True),
                  id="fwd-layer-rotary"),
-    pytest.param(kernels.attn_bwd_dkdv_kernel, lambda d: kernels.DKDV_CONFIG, {}, id="bwd-dkdv"),
+    pytest.param(kernels.attn_bwd_dkdv_kernel, kernels.dkdv_config, {}, id="bwd-dkdv"),
     pytest.param(kernels.attn_bwd_dq_kernel, lambda d: kernels.DQ_CONFIG, {}, id="bwd-dq"),
 ]
 
 
-def compile_attention(kernel, config_for, switches, head_dim, causal, use_work):
+def compile_attention(kernel, config_for, switches, head_dim, causal, use_work, group=None):
+    """group None: generic integer arguments (odd shapes); else an aligned launch of 16 query heads
+    of head_dim over 16k tokens, `group` query heads per key head (1 specialises to a constant)."""
     config = config_for(head_dim)
     da, db = kernels.head_dim_chunks(head_dim)
+    sig = signature(kernel, ATTN_POINTERS)
+    int_values = None
+    if group is not None:
+        launch = {"head_dim": head_dim, "group": group, "rot_half": head_dim // 2, "stride_ct": head_dim // 2,
+                  "stride_st": head_dim // 2}
+        launch |= {n: (16 * head_dim if n.endswith("t") else head_dim) for n in sig
+                   if n.startswith("stride_") and n not in launch}
+        int_values = aligned_int_values(sig, 16384, **{n: v for n, v in launch.items() if n in sig})
     return compile_for_sm90(
-        kernel, signature(kernel, ATTN_POINTERS),
+        kernel, sig,
         {"CAUSAL": causal, "USE_WORK": use_work, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n, "DA": da,
          "DB": db, **switches},
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, int_values=int_values)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -448,6 +466,16 @@ def compile_attention(kernel, config_for, switches, head_dim, causal, use_work):
 @pytest.mark.parametrize("kernel,config_for,switches", ATTENTION_KERNELS)
 def test_attention_kernels_compile_for_sm90(kernel, config_for, switches, head_dim, causal):
     assert_compiles_clean(compile_attention(kernel, config_for, switches, head_dim, causal, use_work=True),
+                          expect_wgmma=True)
+
+
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("head_dim", [64, 96, 128], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("kernel,config_for,switches", ATTENTION_KERNELS)
+def test_attention_kernels_compile_for_aligned_launches(kernel, config_for, switches, head_dim, group):
+    """The variant contiguous, 16-aligned batches compile (vectorised loads pipelined through
+    shared memory), causal."""
+    assert_compiles_clean(compile_attention(kernel, config_for, switches, head_dim, True, True, group=group),
                           expect_wgmma=True)
 
 

@@ -14,6 +14,7 @@ from glm5v_kernels._backend import use_backend
 from glm5v_kernels.ops.mtp import reference
 from glm5v_kernels.testing import (
     TARGET,
+    aligned_int_values,
     assert_close,
     assert_compiles_clean,
     compile_for_sm90,
@@ -447,8 +448,11 @@ LCE_COMPILES = [
 ]
 
 
+@pytest.mark.parametrize("aligned", [False, True], ids=["odd-shapes", "aligned-shapes"])
 @pytest.mark.parametrize("kernel,config_name,features", LCE_COMPILES)
-def test_every_cross_entropy_config_compiles_for_sm90(kernel, config_name, features):
+def test_every_cross_entropy_config_compiles_for_sm90(kernel, config_name, features, aligned):
+    """Odd shapes, and the variant aligned launches compile (every size and stride a multiple of
+    16: vectorised loads pipelined through shared memory)."""
     config = triton_ops.CONFIGS[config_name]
     fn = {"forward": triton_ops.lce_forward_kernel, "dhidden": triton_ops.lce_dhidden_kernel,
           "dweight": triton_ops.lce_dweight_kernel}[kernel]
@@ -458,8 +462,9 @@ def test_every_cross_entropy_config_compiles_for_sm90(kernel, config_name, featu
         constexprs["BLOCK_H"] = config.block_h
     if kernel == "dweight":
         constexprs.update(NEED_WEIGHT=True, NEED_BIAS=features)
-    report = compile_for_sm90(fn, _lce_signature(kernel, _ELEM[config_name.split("-")[1]]), constexprs,
-                              num_warps=config.num_warps, num_stages=config.num_stages)
+    sig = _lce_signature(kernel, _ELEM[config_name.split("-")[1]])
+    report = compile_for_sm90(fn, sig, constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+                              int_values=aligned_int_values(sig) if aligned else None)
     assert_compiles_clean(report, expect_wgmma=True)
 
 

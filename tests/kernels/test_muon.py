@@ -13,7 +13,15 @@ from glm5v_kernels import newton_schulz
 from glm5v_kernels._backend import use_backend
 from glm5v_kernels.ops.muon import force_path, path_choices, reference
 from glm5v_kernels.ops.muon import op as muon_op
-from glm5v_kernels.testing import TARGET, assert_close, assert_compiles_clean, compile_for_sm90, dtype_id, poison_
+from glm5v_kernels.testing import (
+    TARGET,
+    aligned_int_values,
+    assert_close,
+    assert_compiles_clean,
+    compile_for_sm90,
+    dtype_id,
+    poison_,
+)
 
 triton_ops = pytest.importorskip("glm5v_kernels.ops.muon.triton")
 
@@ -237,9 +245,7 @@ def signature(dtype: str) -> dict[str, str]:
 
 # A contiguous (batch, 4096, 4096) launch: what the runtime specialises for aligned shapes
 # (unit strides constant, the rest divisible by 16: vectorised loads, pipelined through cp.async).
-ALIGNED = {"M": 4096, "K": 4096, "stride_xb": 4096 * 4096, "stride_xm": 4096, "stride_xk": 1,
-           "stride_cb": 4096 * 4096, "stride_cm": 4096, "stride_cn": 1, "stride_ob": 4096 * 4096,
-           "stride_om": 4096, "stride_on": 1}
+ALIGNED = aligned_int_values(signature("bf16"), stride_xk=1, stride_cn=1, stride_on=1)
 
 
 def config_id(c) -> str:

@@ -16,6 +16,7 @@ from glm5v_kernels._backend import use_backend
 from glm5v_kernels.ops.siglip import reference
 from glm5v_kernels.testing import (
     TARGET,
+    aligned_int_values,
     assert_close,
     assert_compiles_clean,
     compile_for_sm90,
@@ -231,8 +232,11 @@ COMPILES = [
 ]
 
 
+@pytest.mark.parametrize("aligned", [False, True], ids=["odd-shapes", "aligned-shapes"])
 @pytest.mark.parametrize("kernel,config_name,diagonal", COMPILES)
-def test_every_config_compiles_for_sm90(kernel, config_name, diagonal):
+def test_every_config_compiles_for_sm90(kernel, config_name, diagonal, aligned):
+    """Odd shapes, and the variant aligned launches compile (every size and stride a multiple of
+    16: vectorised loads pipelined through shared memory)."""
     config = triton_ops.CONFIGS[config_name]
     constexprs = {"DIAGONAL": diagonal, "BLOCK_M": config.block_m, "BLOCK_N": config.block_n,
                   "BLOCK_K": config.block_k}
@@ -242,8 +246,9 @@ def test_every_config_compiles_for_sm90(kernel, config_name, diagonal):
         # Without an image gradient (a frozen image tower) dx only writes the scale/bias partials.
         constexprs["NEED_X"] = kernel == "dx"
         kernel = "dx"
-    report = compile_for_sm90(_KERNELS[kernel], _signature(kernel, _ELEM[config_name.split("-")[1]]), constexprs,
-                              num_warps=config.num_warps, num_stages=config.num_stages)
+    sig = _signature(kernel, _ELEM[config_name.split("-")[1]])
+    report = compile_for_sm90(_KERNELS[kernel], sig, constexprs, num_warps=config.num_warps,
+                              num_stages=config.num_stages, int_values=aligned_int_values(sig) if aligned else None)
     print(f"{report.name}[{report.config}]: {report.registers} registers, {report.shared_bytes} B shared, "
           f"{report.spill_stores} B spill stores")
     assert_compiles_clean(report, expect_wgmma=True)

@@ -485,6 +485,11 @@ def fwd_config(head_dim: int, fused_q: bool) -> Config:
     return FWD_CONFIG if head_dim <= 96 else FWD_CONFIG_D128
 
 
+def dkdv_config(head_dim: int) -> Config:
+    """The dK/dV kernel's configuration: unpipelined above D = 96 (see DKDV_CONFIG_D128)."""
+    return DKDV_CONFIG if head_dim <= 96 else DKDV_CONFIG_D128
+
+
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     """(DA, DB): the largest power of two <= head_dim, and the rest rounded up to a power of two
     (0 when none): 64 -> (64, 0), 72 -> (64, 16), 80 -> (64, 16), 96 -> (64, 32), 128 -> (128, 0)."""
@@ -494,14 +499,18 @@ def head_dim_chunks(head_dim: int) -> tuple[int, int]:
 
 
 # Configurations: each compiles for sm_90a without spills at head dims 64 to 128, with and without
-# a plan (tests/kernels/test_attention.py). 4 warps spill at D >= 96; 128-key backward blocks spill
-# at D = 128; the plain forward spills (4 bytes) with 64-key tiles at D = 128 (causal, no plan),
-# so it takes 32 there; a forward that normalises and rotates q in its prologue holds more live
-# registers: 128-query blocks spill there from D = 80, so it takes 64. Not yet timed on a GPU.
+# a plan, for odd shapes and for the aligned launches the runtime specialises (pipelined loads;
+# tests/kernels/test_attention.py). 4 warps spill at D >= 96; 128-key backward blocks spill at
+# D = 128; the plain forward spills (4 bytes) with 64-key tiles at D = 128 (causal, no plan), so it
+# takes 32 there; a forward that normalises and rotates q in its prologue holds more live
+# registers: 128-query blocks spill there from D = 80, so it takes 64. The dK/dV kernel with
+# grouped queries spills 28-52 bytes at D = 128 once aligned loads are pipelined in two stages (and
+# with 32- or 16-query steps): one stage there. Not yet timed on a GPU.
 FWD_CONFIG = Config(128, 64, 8, 3)
 FWD_CONFIG_D128 = Config(128, 32, 8, 3)
 FWD_TRANSFORM_CONFIG = Config(64, 64, 8, 3)
 DKDV_CONFIG = Config(64, 64, 8, 2)
+DKDV_CONFIG_D128 = Config(64, 64, 8, 1)
 DQ_CONFIG = Config(64, 64, 8, 2)
 # The memory-bound passes (transform, its backward, delta): 16 tokens over 8 warps keep them near
 # 80 registers at D = 128 for occupancy; 32 tokens over 4 warps reached 255.
@@ -622,7 +631,7 @@ def attention_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, causal, so
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
 
-    config = DKDV_CONFIG
+    config = dkdv_config(D)
     work = work_for(config.block_n)
     grid, use_work = _grid(work, Hkv, max_seqlen, num_seqs, config.block_n)
     attn_bwd_dkdv_kernel[grid](
