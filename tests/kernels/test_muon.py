@@ -312,8 +312,14 @@ def test_autotuner_candidates_follow_dtype_and_alignment():
     assert candidates(torch.empty(1, 64, 128), 64, 128) == list(triton_ops.FLOAT32_CONFIGS)
 
 
-def test_float32_products_follow_torchs_tf32_setting(monkeypatch):
-    assert triton_ops.input_precision(torch.float32) == "ieee"
-    assert triton_ops.input_precision(torch.bfloat16) == "ieee"  # no effect on 16-bit dots
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert triton_ops.input_precision(torch.float32) == "tf32"
+def test_float32_products_follow_torchs_tf32_setting():
+    matmul = torch.backends.cuda.matmul  # its attributes are properties of torch's C state
+    previous = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert triton_ops.input_precision(torch.float32) == "ieee"
+        assert triton_ops.input_precision(torch.bfloat16) == "ieee"  # no effect on 16-bit dots
+        matmul.allow_tf32 = True
+        assert triton_ops.input_precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = previous
