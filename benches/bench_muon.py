@@ -23,6 +23,7 @@ from benchlib import cuda_synchronized, providers, record
 
 from glm5v_kernels import newton_schulz
 from glm5v_kernels.ops.muon import force_path, path_choices, reference
+from glm5v_kernels.ops.muon.triton import sym_gram_autotuned
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -111,8 +112,13 @@ def measured_choice(G: torch.Tensor) -> dict:
     count = 1
     for b in batch:
         count *= b
-    choice = path_choices()[(str(G.device), (count, min(rows, cols), max(rows, cols)), DTYPE)]
-    return {"path": choice.path, **{f"step_seconds_{path}": s for path, s in choice.seconds.items()}}
+    m, n = min(rows, cols), max(rows, cols)
+    choice = path_choices()[(str(G.device), (count, m, n), DTYPE)]
+    # the autotuner's cache key starts with (M, K, HAS_C): the Gram product (m, n) and the polynomial (m, m)
+    tiles = {("gram" if key[1] == n and not key[2] else "polynomial"): str(config)
+             for key, config in sym_gram_autotuned.cache.items() if key[0] == m and key[1] in (m, n)}
+    return {"path": choice.path, **{f"step_seconds_{path}": s for path, s in choice.seconds.items()},
+            "autotuned_tiles": tiles}
 
 
 def cogvit_l_parameters(device) -> list[torch.nn.Parameter]:
