@@ -11,13 +11,14 @@ a non-reentrant checkpoint whose contexts keep the outputs `selective_policy` ma
 (as torch's selective-checkpoint contexts do, but through the offloader, so "saved" can move
 them too; an in-place write into a kept output, or a recompute that runs other operations than
 its forward, is an error; under torch.compile, which traces only torch's own contexts, those are
-used and the kept outputs stay on the device). "full" keeps only the block's input. "none" keeps what autograd keeps.
+used and the kept outputs stay on the device). "full" keeps only the block's input. "none"
+keeps what autograd keeps.
 
 offload: "inputs" sends the tensors the block saves that share storage with its inputs (with
 recompute, its input: all "full" keeps) to pinned host memory; "saved" sends every tensor the
-block keeps for backward of at least 1 MiB (with "selective", its kept outputs too). Copies run on a side CUDA
-stream into `pool` (a `PinnedPool`, or fresh pinned memory when None) and come back one block
-ahead in backward (see `offload.py`). `no_offload()` and `mark_not_offload(tensor)` keep tensors
+block keeps for backward of at least 1 MiB (with "selective", its kept outputs too). Copies run
+on a side CUDA stream into `pool` (a `PinnedPool`, or fresh pinned memory when None) and come
+back one block ahead in backward (see `offload.py`). `no_offload()` and `mark_not_offload(tensor)` keep tensors
 on the device; `stats()` reports bytes moved and kept and copy time exposed. Offload moves CUDA
 tensors only: for CPU tensors it is a no-op. `saved_bytes(fn, *args, by_op=...)` measures what a
 forward leaves alive for backward, in total or by the op that made each tensor.
