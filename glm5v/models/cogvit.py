@@ -344,7 +344,10 @@ class CogViT(nn.Module):
         image = torch.repeat_interleave(torch.arange(len(shapes), device=position_ids.device), starts.diff(),
                                         output_size=position_ids.shape[0])
         row, col = position_ids.long().unbind(1)
-        return table[meta[image, 0] + row * meta[image, 1] + col]
+        # index_select: images of one shape read the same rows, and its backward (index_add) sums
+        # their gradients in a fixed order; advanced indexing's (index_put with accumulate) does
+        # not on several CPU threads, which made runs differ in the last bits.
+        return table.index_select(0, meta[image, 0] + row * meta[image, 1] + col)
 
     @classmethod
     def from_glm_ocr(cls, source, **overrides) -> CogViT:
