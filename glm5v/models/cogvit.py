@@ -344,10 +344,10 @@ class CogViT(nn.Module):
         image = torch.repeat_interleave(torch.arange(len(shapes), device=position_ids.device), starts.diff(),
                                         output_size=position_ids.shape[0])
         row, col = position_ids.long().unbind(1)
-        # index_select: images of one shape read the same rows, and its backward (index_add) sums
-        # their gradients in a fixed order; advanced indexing's (index_put with accumulate) does
-        # not on several CPU threads, which made runs differ in the last bits.
-        return table.index_select(0, meta[image, 0] + row * meta[image, 1] + col)
+        # Images of one shape read the same rows. An embedding lookup's backward sums their
+        # gradients in a fixed order on the CPU and on CUDA (sorted); advanced indexing's does not
+        # on several CPU threads (index_put with accumulate), nor index_select's on CUDA (atomics).
+        return F.embedding(meta[image, 0] + row * meta[image, 1] + col, table)
 
     @classmethod
     def from_glm_ocr(cls, source, **overrides) -> CogViT:
