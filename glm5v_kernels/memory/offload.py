@@ -231,7 +231,7 @@ class Offloader:
         previous = getattr(_state, "pack", None)
         _state.pack = pack
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, self._unpack):
+            with torch.autograd.graph.saved_tensors_hooks(pack, self.unpack):
                 yield
         finally:
             _state.pack = previous
@@ -246,9 +246,6 @@ class Offloader:
         outputs); `unpack` gives the tensor back."""
         pack = getattr(_state, "pack", None)
         return t if pack is None else pack(t)
-
-    def unpack(self, packed) -> torch.Tensor:
-        return self._unpack(packed)
 
     def _offload(self, t: torch.Tensor, group: _Group, pool: PinnedPool | None) -> _Saved:
         storage = t.untyped_storage()
@@ -288,7 +285,7 @@ class Offloader:
                 if copy.source is not None and (copy.event is None or copy.event.query()):
                     copy.source = copy.event = None
 
-    def _unpack(self, saved):
+    def unpack(self, saved):
         if not isinstance(saved, _Saved):
             return saved
         copy, group = saved.copy, saved.group
